@@ -1,0 +1,63 @@
+"""AWQ W4A16 (TinyChat) layer of Nunchaku's `AWQW4A16Linear`, group size 64.
+
+`qweight` int32 (O/4, I/2): viewed as int16 (O/4, I), the int16 at [n4, c64*64 + r*16 + h*8 + b] holds the
+unsigned codes q[n = 4*n4 + r, k = 64*c64 + 32*h + 8*a + b] at bits 4a (a<4).
+`wscales`, `wzeros` (I/64, O): dequantization is W[n, k] = q[n, k] * wscales[k//64, n] + wzeros[k//64, n]
+(the stored zero is already scaled and negated).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Codec, require
+
+GROUP = 64
+_SHIFTS = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+
+
+class AwqQWeight(Codec, name="awq_qweight"):
+    @classmethod
+    def pack(cls, codes: torch.Tensor) -> torch.Tensor:
+        """uint codes (O, I) in 0..15 -> int32 (O/4, I/2)."""
+        o, i = codes.shape
+        require(o % 4 == 0 and i % 64 == 0, f"AWQ qweight: bad shape {(o, i)}")
+        q = codes.to(torch.int32).reshape(o // 4, 4, i // 64, 2, 4, 8)  # n4, r, c64, h, a, b
+        q = q.permute(0, 2, 1, 3, 5, 4)  # n4, c64, r, h, b, a
+        u16 = (q << _SHIFTS.to(q.device)).sum(dim=-1, dtype=torch.int32)
+        u16 = torch.where(u16 >= 32768, u16 - 65536, u16).to(torch.int16)
+        return u16.reshape(o // 4, i).view(torch.int32)
+
+    @classmethod
+    def unpack(cls, qweight: torch.Tensor) -> torch.Tensor:
+        """int32 (O/4, I/2) -> uint8 codes (O, I)."""
+        require(qweight.dtype == torch.int32 and qweight.ndim == 2, "AWQ qweight must be a 2-D int32 tensor")
+        o4, half = qweight.shape
+        i = half * 2
+        u16 = qweight.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+        u16 = u16.reshape(o4, i // 64, 4, 2, 8, 1)  # n4, c64, r, h, b
+        nib = (u16 >> _SHIFTS.to(u16.device)) & 0xF  # n4, c64, r, h, b, a
+        return nib.permute(0, 2, 1, 3, 5, 4).reshape(o4 * 4, i).to(torch.uint8)
+
+
+class AwqGroupParams(Codec, name="awq_group_params"):
+    """Per-group scales or zeros: logical (O, I/64) <-> stored (I/64, O) (a transpose)."""
+
+    @classmethod
+    def pack(cls, s: torch.Tensor) -> torch.Tensor:
+        return s.t().contiguous()
+
+    @classmethod
+    def unpack(cls, p: torch.Tensor) -> torch.Tensor:
+        return p.t().contiguous()
+
+
+def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor) -> torch.Tensor:
+    """Packed AWQ tensors -> fp32 W (O, I), exactly as the gemv kernel decodes them."""
+    codes = AwqQWeight.unpack(qweight).to(torch.float32)
+    o, i = codes.shape
+    ng = i // GROUP
+    require(wscales.shape[0] >= ng and wscales.shape[1] == o, f"AWQ wscales shape {tuple(wscales.shape)} does not fit {(o, i)}")
+    s = wscales[:ng].to(torch.float32).t()
+    z = wzeros[:ng].to(torch.float32).t()
+    return (codes.reshape(o, ng, GROUP) * s[..., None] + z[..., None]).reshape(o, i)

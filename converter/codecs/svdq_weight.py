@@ -1,0 +1,62 @@
+"""SVDQ W4A4 `qweight`: 4-bit codes in Nunchaku's MMA tile order, stored as int8 (O, I/2).
+
+Logical index n = nt*128 + p*16 + s*8 + l (p<8, s<2, l<8), k = kt*64 + sk*32 + lk*8 + r (sk<2, lk<4, r<8).
+One int32 holds the 8 nibbles r of a (n, k/8) run at bits 4r; the int32s are ordered
+[nt][kt][p][l][lk][s][sk]. int4 codes are two's-complement nibbles; nvfp4 codes are e2m1 (bit 3 = sign).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Codec, require
+
+# (nt, p, s, l, kt, sk, lk, r) -> on-disk order (nt, kt, p, l, lk, s, sk, r)
+_TO_DISK = (0, 4, 1, 3, 6, 2, 5, 7)
+_FROM_DISK = (0, 2, 5, 3, 1, 6, 4, 7)
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+# e2m1 magnitudes for codes 0..7; codes 8..15 are the negatives.
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _check_shape(o: int, i: int) -> None:
+    require(o % 128 == 0, f"SVDQ qweight: out_features {o} is not a multiple of 128")
+    require(i % 128 == 0, f"SVDQ qweight: in_features {i} is not a multiple of 128")
+
+
+class _SvdqQWeight(Codec):
+    signed = True
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor) -> torch.Tensor:
+        """codes (O, I) integer tensor (int4: -8..7, nvfp4: 0..15) -> int8 (O, I/2)."""
+        o, i = codes.shape
+        _check_shape(o, i)
+        nib = (codes.to(torch.int32) & 0xF).reshape(o // 128, 8, 2, 8, i // 64, 2, 4, 8)
+        nib = nib.permute(*_TO_DISK).contiguous()
+        words = (nib << _SHIFTS.to(nib.device)).sum(dim=-1, dtype=torch.int32)
+        return words.view(torch.int8).reshape(o, i // 2)
+
+    @classmethod
+    def unpack(cls, qweight: torch.Tensor) -> torch.Tensor:
+        """int8 (O, I/2) -> int8 codes (O, I)."""
+        require(qweight.dtype == torch.int8 and qweight.ndim == 2, "SVDQ qweight must be a 2-D int8 tensor")
+        o, half = qweight.shape
+        i = half * 2
+        _check_shape(o, i)
+        words = qweight.contiguous().view(torch.int32).reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 1)
+        nib = (words >> _SHIFTS.to(words.device)) & 0xF  # broadcast over the last axis of 8 nibbles
+        if cls.signed:
+            nib = nib - ((nib >> 3) << 4)
+        return nib.permute(*_FROM_DISK).reshape(o, i).to(torch.int8)
+
+
+class SvdqQWeightInt4(_SvdqQWeight, name="svdq_qweight_int4"):
+    signed = True
+
+
+class SvdqQWeightNvfp4(_SvdqQWeight, name="svdq_qweight_nvfp4"):
+    """Codes are e2m1 bit patterns 0..15; `E2M1_VALUES[codes]` gives their values."""
+
+    signed = False

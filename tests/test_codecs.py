@@ -1,0 +1,126 @@
+"""Every codec bit-exact against deepcompressor's packers (a third-party oracle), both directions."""
+
+import pytest
+import torch
+from deepcompressor.backend.nunchaku.utils import NunchakuWeightPacker
+from deepcompressor.backend.tinychat.utils import pack_w4
+
+from converter.codecs import CODECS
+from converter.codecs.awq_w4a16 import AwqQWeight, dequantize
+from converter.codecs.lowrank import LowRankDown, LowRankUp, pad_rank
+from converter.codecs.svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
+from converter.codecs.svdq_weight import SvdqQWeightInt4, SvdqQWeightNvfp4
+from converter.errors import CodecError
+
+pytestmark = pytest.mark.oracle
+PACKER = NunchakuWeightPacker(bits=4)
+# (out, in): small, and the real Qwen-Image / Z-Image shapes
+SHAPES = [(128, 128), (256, 512), (384, 256), (3072, 3072), (1024, 3840)]
+BIG = [(9216, 3072), (3072, 12288)]
+
+
+def _same(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("o,i", SHAPES + BIG)
+def test_qweight_int4(o, i):
+    g = torch.Generator().manual_seed(o + i)
+    q = torch.randint(-8, 8, (o, i), generator=g, dtype=torch.int32)
+    ref = PACKER.pack_weight(q.clone())
+    _same(SvdqQWeightInt4.pack(q), ref)
+    assert torch.equal(SvdqQWeightInt4.unpack(ref).to(torch.int32), q)
+
+
+@pytest.mark.parametrize("o,i", SHAPES)
+def test_qweight_nvfp4_codes(o, i):
+    g = torch.Generator().manual_seed(7 * o + i)
+    q = torch.randint(0, 16, (o, i), generator=g, dtype=torch.int32)
+    ref = PACKER.pack_weight(q.clone())
+    _same(SvdqQWeightNvfp4.pack(q), ref)
+    assert torch.equal(SvdqQWeightNvfp4.unpack(ref).to(torch.int32), q)
+
+
+@pytest.mark.parametrize("n", [128, 768, 3072, 9216, 12288])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vector(n, dtype):
+    v = torch.randn(n).to(dtype)
+    ref = PACKER.pack_scale(v.view(-1, 1).clone(), group_size=-1)
+    _same(PackedVector.pack(v), ref.view(-1))
+    _same(PackedVector.unpack(ref.view(-1)), v)
+
+
+@pytest.mark.parametrize("o,i", SHAPES + BIG)
+def test_wscales_int4(o, i):
+    ng = i // 64
+    s = torch.rand(o, ng).add(0.1).to(torch.bfloat16)
+    ref = PACKER.pack_scale(s.view(o, 1, ng, 1).clone(), group_size=64)
+    _same(WScalesInt4.pack(s), ref)
+    _same(WScalesInt4.unpack(ref), s)
+
+
+@pytest.mark.parametrize("o,i", SHAPES)
+def test_wscales_nvfp4(o, i):
+    ng = i // 16
+    s = (torch.rand(o, ng) * 400 + 0.01).to(torch.bfloat16)
+    ref = PACKER.pack_scale(s.view(o, 1, ng, 1).clone(), group_size=16)
+    assert ref.dtype == torch.float8_e4m3fn
+    s8 = s.to(torch.float8_e4m3fn)
+    _same(WScalesNvfp4.pack(s8), ref)
+    _same(WScalesNvfp4.unpack(ref), s8)
+
+
+@pytest.mark.parametrize("r,c", [(16, 128), (32, 3072), (128, 3072), (48, 256), (64, 12288)])
+def test_lowrank(r, c):
+    down = torch.randn(r, c).to(torch.bfloat16)
+    up = torch.randn(c, r).to(torch.bfloat16)
+    ref_d = PACKER.pack_lowrank_weight(down.clone(), down=True)
+    ref_u = PACKER.pack_lowrank_weight(up.clone(), down=False)
+    _same(LowRankDown.pack(down), ref_d)
+    _same(LowRankUp.pack(up), ref_u)
+    _same(LowRankDown.unpack(ref_d), PACKER.unpack_lowrank_weight(ref_d, down=True))
+    _same(LowRankUp.unpack(ref_u), PACKER.unpack_lowrank_weight(ref_u, down=False))
+    _same(LowRankDown.unpack(ref_d), down)
+    _same(LowRankUp.unpack(ref_u), up)
+
+
+@pytest.mark.parametrize("o,i", [(256, 128), (1536, 256), (18432, 3072)])
+def test_awq_qweight(o, i):
+    q = torch.randint(0, 16, (o, i), dtype=torch.int32)
+    ref = pack_w4(q.clone()).view(torch.int32)
+    _same(AwqQWeight.pack(q), ref)
+    assert torch.equal(AwqQWeight.unpack(ref).to(torch.int32), q)
+
+
+def test_awq_dequantize_matches_deepcompressor_layer():
+    from deepcompressor.backend.nunchaku.utils import convert_to_nunchaku_w4x16_linear_weight
+
+    o, i = 1536, 1024
+    w = (torch.randn(o, i) * 0.02).to(torch.bfloat16)
+    scale = (w.float().view(o, 1, i // 64, 64).abs().amax(-1, keepdim=True) / 7).clamp_min(1e-6).to(torch.bfloat16)
+    qw, ws, wz, _ = convert_to_nunchaku_w4x16_linear_weight(w, scale.view(o, 1, i // 64, 1))
+    deq = dequantize(qw, ws, wz)
+    # deepcompressor interleaves nothing here (adanorm_splits=1); the dequantized weight is the 4-bit grid of w
+    err = (deq - w.float()).norm() / w.float().norm()
+    assert err < 0.12
+    codes = AwqQWeight.unpack(qw).float()
+    expect = torch.round(w.float().view(o, i // 64, 64) / scale.float().view(o, i // 64, 1) + 7).clamp(0, 15)
+    assert torch.equal(codes.view(o, i // 64, 64), expect)
+
+
+def test_pad_rank_and_errors():
+    d = torch.randn(32, 128)
+    assert pad_rank(d, 48, down=True).shape == (48, 128)
+    assert torch.equal(pad_rank(d, 48, down=True)[32:], torch.zeros(16, 128))
+    with pytest.raises(CodecError):
+        pad_rank(d, 16, down=True)
+    with pytest.raises(CodecError):
+        SvdqQWeightInt4.pack(torch.zeros(100, 128, dtype=torch.int32))
+    with pytest.raises(CodecError):
+        LowRankDown.pack(torch.zeros(10, 128))
+
+
+def test_registry_complete():
+    assert {"svdq_qweight_int4", "svdq_qweight_nvfp4", "svdq_vector", "svdq_wscales_int4", "svdq_wscales_nvfp4",
+            "lowrank_down", "lowrank_up", "awq_qweight", "awq_group_params"} <= set(CODECS)
