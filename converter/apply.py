@@ -1,0 +1,158 @@
+"""Per-layer transforms: (LayerOp, base tensors, LoRA tensors) -> new tensors + a fidelity record.
+
+ΔW of a LoRA module is scale·B·A (PEFT's get_delta_weight), with scale = strength·alpha/rank of that module.
+All maths in fp32 (fp64 for norms), cast once to the checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .codecs.lowrank import LowRankDown, LowRankUp, pad_rank
+from .codecs.svdq_scales import PackedVector
+from .errors import MergeError
+from .lora import LoraFile
+from .model import Layer
+from .planner import Contribution, LayerOp
+from .st_io import DTYPES, Checkpoint
+
+
+@dataclass
+class Factors:
+    down: torch.Tensor  # (r, I) fp32, scale folded in
+    up: torch.Tensor  # (O, r) fp32, rows placed on the layer's output rows
+
+
+def _place(c: Contribution, src: torch.Tensor, out_rows: int) -> torch.Tensor:
+    """Rows of a LoRA module's output (B rows or a bias/diff) placed onto the target layer's rows."""
+    out = src.new_zeros((out_rows,) + tuple(src.shape[1:]))
+    for s in c.segments:
+        out[s.target_start:s.target_start + s.rows] = src[s.lora_start:s.lora_start + s.rows]
+    return out
+
+
+def lowrank_factors(op: LayerOp, loras: list[LoraFile]) -> Factors | None:
+    """The LoRA part of a layer as one low-rank pair; members sharing an A contribute one set of columns."""
+    lay = op.layer
+    low = [c for c in op.contributions if c.kind == "lowrank"]
+    if not low:
+        return None
+    downs, ups = [], []
+    col: dict[int, int] = {}
+    for i, c in enumerate(op.contributions):
+        if c.kind != "lowrank":
+            continue
+        lf = loras[c.lora]
+        b = _place(c, lf.tensor(c.b_key), lay.out_features)
+        if c.shares_a_with is not None:
+            ups[col[c.shares_a_with]] += b
+            continue
+        col[i] = len(ups)
+        downs.append(lf.tensor(c.a_key) * c.scale)
+        ups.append(b)
+    return Factors(torch.cat(downs, 0), torch.cat(ups, 1))
+
+
+def delta_weight(op: LayerOp, loras: list[LoraFile], device: str = "cpu") -> torch.Tensor | None:
+    lay = op.layer
+    out = None
+    f = lowrank_factors(op, loras)
+    if f is not None:
+        out = f.up.to(device) @ f.down.to(device)
+    for c in op.contributions:
+        if c.kind == "diff":
+            d = _place(c, loras[c.lora].tensor(c.key), lay.out_features).to(device) * c.scale
+            out = d if out is None else out + d
+    return out
+
+
+def delta_bias(op: LayerOp, loras: list[LoraFile]) -> torch.Tensor | None:
+    out = None
+    for c in op.contributions:
+        if c.kind == "diff_b":
+            d = _place(c, loras[c.lora].tensor(c.key), op.layer.out_features) * c.scale
+            out = d if out is None else out + d
+    return out
+
+
+def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() and not torch.isfinite(t.float()).all():
+        raise MergeError(f"merging produced non-finite values in {name} (a LoRA tensor holds inf/nan, or the "
+                         "strength is too large for the checkpoint dtype)")
+    return t
+
+
+def lowrank_error(u_new: torch.Tensor, d_new: torch.Tensor, u_old: torch.Tensor, d_old: torch.Tensor,
+                  f: Factors) -> tuple[float, float]:
+    """(||U_new·D_new − U_old·D_old − ΔW|| / ||ΔW||, ||ΔW||) computed through r×r Gram matrices."""
+    L = torch.cat([u_new, -u_old, -f.up], 1).double()
+    R = torch.cat([d_new, d_old, f.down], 0).double()
+    err2 = ((L.T @ L) * (R @ R.T)).sum().clamp_min(0).item()
+    ref2 = ((f.up.double().T @ f.up.double()) * (f.down.double() @ f.down.double().T)).sum().item()
+    ref = ref2 ** 0.5
+    return (err2 ** 0.5 / ref if ref > 0 else 0.0), ref
+
+
+def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: list[LoraFile], rank: int
+                  ) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """SVDQ layer: append the LoRA to proj_down/proj_up (exact), zero-pad to the uniform rank; bias deltas are
+    added in pack_scale order. qweight, wscales, smooth factors stay untouched."""
+    pd, pu = base.get(layer.key("proj_down")), base.get(layer.key("proj_up"))
+    dtype = pd.dtype
+    d0, u0 = LowRankDown.unpack(pd), LowRankUp.unpack(pu)
+    f = lowrank_factors(op, loras) if op else None
+    if f is not None:
+        d = torch.cat([d0, _check_finite(layer.prefix, f.down).to(dtype)], 0)
+        u = torch.cat([u0, _check_finite(layer.prefix, f.up).to(dtype)], 1)
+    else:
+        d, u = d0, u0
+    d, u = pad_rank(d, rank, down=True), pad_rank(u, rank, down=False)
+    out = {layer.key("proj_down"): LowRankDown.pack(d), layer.key("proj_up"): LowRankUp.pack(u)}
+    rec = None
+    if f is not None:
+        err, ref = lowrank_error(u.float(), d.float(), u0.float(), d0.float(), f)
+        rec = {"rel_error": err, "delta_norm": ref, "rank_added": f.down.shape[0]}
+    db = delta_bias(op, loras) if op else None
+    if db is not None:
+        b = base.get(layer.key("bias"))
+        new = PackedVector.unpack(b).float() + db
+        out[layer.key("bias")] = PackedVector.pack(_check_finite(layer.key("bias"), new).to(b.dtype))
+        rec = (rec or {}) | {"bias_delta_norm": float(db.norm())}
+    return out, rec
+
+
+def dense_record(w_old: torch.Tensor, w_new: torch.Tensor, dw: torch.Tensor) -> dict:
+    got = w_new.double() - w_old.double()
+    dw = dw.double()
+    ref2 = float((dw * dw).sum())
+    if ref2 == 0:
+        return {"rel_error": 0.0, "applied_fraction": 1.0, "delta_norm": 0.0}
+    return {"rel_error": float((got - dw).norm()) / ref2 ** 0.5, "applied_fraction": float((got * dw).sum()) / ref2,
+            "delta_norm": ref2 ** 0.5}
+
+
+def apply_dense(op: LayerOp, base: Checkpoint, loras: list[LoraFile], device: str = "cpu"
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """16-bit layer (or a 1-D norm weight): W += ΔW in fp32, stored once in the original dtype."""
+    lay = op.layer
+    out: dict[str, torch.Tensor] = {}
+    rec: dict = {}
+    dw = delta_weight(op, loras, device)
+    if dw is not None:
+        w = base.get(lay.key("weight"))
+        new = (w.to(device, torch.float32) + dw).to(w.dtype)
+        out[lay.key("weight")] = _check_finite(lay.key("weight"), new).cpu()
+        rec = dense_record(w.to(device), new, dw)
+    db = delta_bias(op, loras)
+    if db is not None:
+        b = base.get(lay.key("bias"))
+        new = (b.float() + db).to(b.dtype)
+        out[lay.key("bias")] = _check_finite(lay.key("bias"), new)
+        rec["bias"] = dense_record(b, new, db)
+    return out, rec
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]

@@ -1,0 +1,223 @@
+"""read header -> detect family -> parse LoRAs -> plan -> stream and transform tensors -> write -> verify."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mappings import by_name
+
+from . import __version__
+from .apply import apply_dense, apply_lowrank, delta_bias, delta_weight
+from .codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
+from .errors import MergeError
+from .lora import LoraFile, open_lora
+from .model import Layout, Model, load_model
+from .planner import LayerOp, Plan, build_plan, updated_metadata
+from .st_io import Checkpoint, OutSpec, StreamingWriter
+
+MOD_MODES = ("calibrated", "requant", "biasfold", "skip")
+
+
+@dataclass
+class Options:
+    modulation: str = "calibrated"
+    allow_unmapped: bool = False
+    device: str = "cpu"
+    progress: Callable[[int, int, str], None] | None = None  # (bytes done, bytes total, what)
+
+
+@dataclass
+class Session:
+    """An opened base + LoRAs + the plan; close() releases the files."""
+
+    base: Checkpoint
+    model: Model
+    loras: list[LoraFile]
+    plan: Plan
+    records: list[dict] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.base.close()
+        for lf in self.loras:
+            lf.ckpt.close()
+
+
+def open_session(base_path: str, lora_specs: list[str], opts: Options) -> Session:
+    if opts.modulation not in MOD_MODES:
+        raise MergeError(f"unknown modulation mode {opts.modulation!r}; choose from {', '.join(MOD_MODES)}")
+    base = Checkpoint(base_path)
+    loras: list[LoraFile] = []
+    try:
+        model = load_model(base)
+        for spec in lora_specs:
+            loras.append(open_lora(spec))
+        plan = build_plan(model, loras, allow_unmapped=opts.allow_unmapped, modulation_mode=opts.modulation)
+    except BaseException:
+        base.close()
+        for lf in loras:
+            lf.ckpt.close()
+        raise
+    return Session(base, model, loras, plan)
+
+
+# -- modulation layers ------------------------------------------------------------------------------------
+class ModulationContext:
+    """The modulation layers' real inputs x(σ) = SiLU(temb(σ)), computed once from the checkpoint's own
+    timestep embedder and shared by every modulation layer."""
+
+    def __init__(self, base: Checkpoint, model: Model, device: str):
+        from . import modulation as M
+
+        keys = by_name(model.family).timestep_keys
+        need = [keys["linear_1"] + ".weight", keys["linear_1"] + ".bias", keys["linear_2"] + ".weight",
+                keys["linear_2"] + ".bias"]
+        missing = [k for k in need if k not in base]
+        if missing:
+            raise MergeError(f"cannot calibrate the modulation layers: the checkpoint lacks {missing[0]}; "
+                             "use --mod skip")
+        w1, b1, w2, b2 = (base.get(k) for k in need)
+        add = base.get(keys["addition_t_embedding"]) if keys.get("addition_t_embedding") in base else None
+        self.M = M
+        self.device = device
+        self.x_calib = M.modulation_inputs(w1, b1, w2, b2, M.calibration_sigmas(), addition_t_embedding=add)
+        self.x_eval = M.modulation_inputs(w1, b1, w2, b2, M.evaluation_sigmas(), addition_t_embedding=add)
+        self.calibration = M.ModulationCalibration(self.x_calib, device=device) if hasattr(M, "ModulationCalibration") else None
+
+
+def interleave_rows(t: torch.Tensor, splits: int | None) -> torch.Tensor:
+    """diffusers row k*D+d -> Nunchaku row d*splits+k (modulation layers' output interleave)."""
+    if not splits:
+        return t
+    d = t.shape[0] // splits
+    return t.reshape(splits, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def apply_modulation(op: LayerOp, base: Checkpoint, loras: list[LoraFile], ctx: ModulationContext, splits: int | None,
+                     mode: str) -> tuple[dict[str, torch.Tensor], dict]:
+    lay = op.layer
+    qw, ws, wz = base.get(lay.key("qweight")), base.get(lay.key("wscales")), base.get(lay.key("wzeros"))
+    ng = lay.in_features // GROUP
+    codes = AwqQWeight.unpack(qw)
+    scales = AwqGroupParams.unpack(ws[:ng]).float()
+    zeros = AwqGroupParams.unpack(wz[:ng]).float()
+    bias = base.get(lay.key("bias")).float() if lay.has_bias else torch.zeros(lay.out_features)
+    dw = interleave_rows(delta_weight(op, loras, "cpu"), splits)
+    db = delta_bias(op, loras)
+    db = interleave_rows(db, splits) if db is not None else None
+    if db is not None and not lay.has_bias:
+        raise MergeError(f"bias delta for {lay.prefix}, which has no bias")
+    kw = {"mode": "plain" if mode == "requant" else mode, "group_size": GROUP, "device": ctx.device}
+    if ctx.calibration is not None:
+        kw["calibration"] = ctx.calibration
+    res = ctx.M.merge_modulation(codes, scales, zeros, bias, dw, db, ctx.x_calib, ctx.x_eval, **kw)
+    rec = {k: getattr(res, k) for k in ("action", "e_mod", "e_plain", "e_biasfold", "e_skip") if hasattr(res, k)}
+    for extra in ("codes_changed",):
+        if hasattr(res, extra):
+            rec[extra] = getattr(res, extra)
+    if res.action == "skip":
+        return {}, rec
+    out = {lay.key("qweight"): AwqQWeight.pack(res.codes)}
+    new_ws, new_wz = ws.clone(), wz.clone()  # keep any padding rows of the stored group params
+    new_ws[:ng] = AwqGroupParams.pack(res.scales).to(ws.dtype)
+    new_wz[:ng] = AwqGroupParams.pack(res.zeros).to(wz.dtype)
+    out[lay.key("wscales")], out[lay.key("wzeros")] = new_ws, new_wz
+    if lay.has_bias:
+        b = base.get(lay.key("bias"))
+        out[lay.key("bias")] = res.bias.to(b.dtype)
+    for k, t in out.items():
+        if t.is_floating_point() and not torch.isfinite(t.float()).all():
+            raise MergeError(f"modulation merge produced non-finite values in {k}")
+    return out, rec
+
+
+# -- streaming execution ----------------------------------------------------------------------------------
+def output_specs(plan: Plan, base: Checkpoint) -> list[OutSpec]:
+    return [OutSpec(n, i.dtype, plan.out_shape(n, i.shape)) for n, i in base.tensors.items()]
+
+
+def transform_layer(s: Session, prefix: str, ctx_getter, device: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    plan = s.plan
+    op = plan.ops.get(prefix)
+    layer = s.model.layers[prefix]
+    if layer.layout.is_svdq:
+        out, rec = apply_lowrank(op, layer, s.base, s.loras, plan.new_rank)
+        return out, ({"layer": prefix, "method": "lowrank_append"} | rec) if rec else None
+    if op is None:
+        return {}, None
+    if op.method == "modulation":
+        out, rec = apply_modulation(op, s.base, s.loras, ctx_getter(), by_name(s.model.family).modulation_splits(prefix),
+                                    plan.modulation_mode)
+        return out, {"layer": prefix, "method": "modulation"} | rec
+    out, rec = apply_dense(op, s.base, s.loras, device)
+    return out, {"layer": prefix, "method": op.method} | rec
+
+
+def execute(s: Session, out_path: str, opts: Options) -> dict:
+    plan, base = s.plan, s.base
+    specs = output_specs(plan, base)
+    touched = plan.touched_keys()
+    provenance = {
+        "tool": f"qwenlora-merge {__version__}",
+        "loras": [{"file": lf.name, "sha256": lf.sha256, "strength": lf.strength, "format": lf.format} for lf in s.loras],
+        "rank": {"from": plan.model.rank, "to": plan.new_rank},
+        "modulation": plan.modulation_mode,
+    }
+    meta = updated_metadata(plan, provenance)
+    total = sum(sp.nbytes for sp in specs)
+    done = [0]
+
+    def progress(n: int, what: str = "") -> None:
+        done[0] += n
+        if opts.progress:
+            opts.progress(done[0], total, what)
+
+    ctx: list[ModulationContext] = []
+
+    def ctx_getter() -> ModulationContext:
+        if not ctx:
+            ctx.append(ModulationContext(base, plan.model, opts.device))
+        return ctx[0]
+
+    writer = StreamingWriter(out_path, specs, meta, progress=lambda n: progress(n))
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    s.records = []
+    t0 = time.perf_counter()
+    try:
+        for sp in specs:
+            name = sp.name
+            if name not in touched:
+                writer.copy_tensor(name, base)
+                continue
+            prefix = name.rpartition(".")[0]
+            if prefix not in pending:
+                out, rec = transform_layer(s, prefix, ctx_getter, opts.device)
+                pending[prefix] = out
+                if rec:
+                    s.records.append(rec)
+            t = pending[prefix].pop(name, None)
+            if t is None:
+                writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
+            else:
+                writer.write_tensor(name, t)
+            if not pending[prefix]:
+                del pending[prefix]
+        writer.commit(check=lambda tmp: post_write_check(tmp, specs, meta))
+    except BaseException:
+        writer.abort()
+        raise
+    return {"seconds": round(time.perf_counter() - t0, 3), "output": out_path, "output_bytes": os.path.getsize(out_path)}
+
+
+def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:
+    """Re-open what was written: same key set, dtypes, shapes and metadata as planned."""
+    with Checkpoint(path) as c:
+        got = {n: (i.dtype, i.shape) for n, i in c.tensors.items()}
+        want = {s.name: (s.dtype, s.shape) for s in specs}
+        if got != want or c.metadata != meta:
+            raise MergeError("the written file does not match the plan (disk full or a concurrent writer?); "
+                             "nothing was written")
