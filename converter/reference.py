@@ -1,0 +1,91 @@
+"""CPU reference forwards built from the packed tensors with our codecs (the maths of nunchaku-format.md §2.3
+and §3). Used by `verify` and the tests; slow but obviously right.
+
+SVDQ W4A4:  y = ((x ⊘ s)·Ŵᵀ) ⊙ wcscales + bias + (x·Dᵀ)·Uᵀ
+            Ŵ[n,k] = q[n,k]·wscales[n,k//64] (int4) or e2m1(q)·fp8(wscales[n,k//16])·wtscale (nvfp4)
+AWQ W4A16:  y = x·Wᵀ + bias with W = q·scale + zero; Qwen's modulation output is then de-interleaved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codecs.awq_w4a16 import dequantize as awq_dequantize
+from .codecs.lowrank import LowRankDown, LowRankUp
+from .codecs.svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
+from .codecs.svdq_weight import E2M1_VALUES, SvdqQWeightInt4, SvdqQWeightNvfp4
+
+
+def svdq_main_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Ŵ·diag(wcscales) of the 4-bit path, fp32 (O, I): the weight that multiplies x ⊘ smooth."""
+    nvfp4 = t["wscales"].dtype == torch.float8_e4m3fn
+    if nvfp4:
+        codes = SvdqQWeightNvfp4.unpack(t["qweight"]).long()
+        w = E2M1_VALUES[codes]
+        s = WScalesNvfp4.unpack(t["wscales"]).float()
+        gs = 16
+    else:
+        w = SvdqQWeightInt4.unpack(t["qweight"]).float()
+        s = WScalesInt4.unpack(t["wscales"]).float()
+        gs = 64
+    o, i = w.shape
+    w = (w.reshape(o, i // gs, gs) * s[..., None]).reshape(o, i)
+    if nvfp4:
+        if "wtscale" in t:
+            w = w * t["wtscale"].float().reshape(())
+        if "wcscales" in t:
+            w = w * PackedVector.unpack(t["wcscales"]).float()[:, None]
+    return w
+
+
+def svdq_lowrank(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D (R, I), U (O, R)) unpacked, fp32."""
+    return LowRankDown.unpack(t["proj_down"]).float(), LowRankUp.unpack(t["proj_up"]).float()
+
+
+def svdq_forward(t: dict[str, torch.Tensor], x: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
+    """Reference forward of an SVDQW4A4Linear; x (B, I) fp32. With act_quant the smoothed input is
+    fake-quantized per token in groups of 64 (int4 symmetric), as the kernel does for int4."""
+    s = PackedVector.unpack(t["smooth_factor"]).float()
+    xs = x / s
+    if act_quant:
+        b, i = xs.shape
+        g = xs.reshape(b, i // 64, 64)
+        sc = g.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 7
+        xs = (torch.round(g / sc).clamp(-8, 7) * sc).reshape(b, i)
+    y = xs @ svdq_main_weight(t).T
+    if "bias" in t:
+        y = y + PackedVector.unpack(t["bias"]).float()
+    d, u = svdq_lowrank(t)
+    return y + (x @ d.T) @ u.T
+
+
+def awq_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return awq_dequantize(t["qweight"], t["wscales"], t["wzeros"])
+
+
+def awq_forward(t: dict[str, torch.Tensor], x: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """Reference forward of AWQW4A16Linear; with `splits` the output is de-interleaved into diffusers order
+    (`view(B, -1, splits).transpose(1, 2)`), as Nunchaku's Qwen block does right after the layer."""
+    y = x @ awq_weight(t).T
+    if "bias" in t:
+        y = y + t["bias"].float()
+    if splits:
+        b = y.shape[0]
+        y = y.reshape(b, -1, splits).transpose(1, 2).reshape(b, -1)
+    return y
+
+
+def dense_forward(t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    y = x @ t["weight"].float().T
+    return y + t["bias"].float() if "bias" in t else y
+
+
+def layer_tensors(ckpt, prefix: str) -> dict[str, torch.Tensor]:
+    """All tensors `prefix.*` of a checkpoint (a converter.st_io.Checkpoint) keyed by their last part."""
+    out = {}
+    for name in ckpt.keys():
+        p, _, part = name.rpartition(".")
+        if p == prefix:
+            out[part] = ckpt.get(name)
+    return out
