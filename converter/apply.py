@@ -95,25 +95,45 @@ def lowrank_error(u_new: torch.Tensor, d_new: torch.Tensor, u_old: torch.Tensor,
     return (err2 ** 0.5 / ref if ref > 0 else 0.0), ref
 
 
+def truncate(f: Factors, k: int) -> tuple[Factors, float]:
+    """Best rank-k approximation of up·down (truncated SVD through two thin QRs); returns it and the
+    relative Frobenius error of what was dropped."""
+    qu, ru = torch.linalg.qr(f.up.double())
+    qd, rd = torch.linalg.qr(f.down.double().T)
+    p, sv, vh = torch.linalg.svd(ru @ rd.T)
+    total = float((sv ** 2).sum())
+    dropped = float((sv[k:] ** 2).sum())
+    root = sv[:k].sqrt()
+    up = (qu @ p[:, :k]) * root
+    down = (root[:, None] * vh[:k]) @ qd.T
+    return Factors(down.float(), up.float()), (dropped / total) ** 0.5 if total > 0 else 0.0
+
+
 def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: list[LoraFile], rank: int
                   ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """SVDQ layer: append the LoRA to proj_down/proj_up (exact), zero-pad to the uniform rank; bias deltas are
-    added in pack_scale order. qweight, wscales, smooth factors stay untouched."""
+    added in pack_scale order. qweight, wscales, smooth factors stay untouched. If the LoRA part does not fit
+    in `rank` (--max-rank), it is replaced by its best approximation of the rank that fits."""
     pd, pu = base.get(layer.key("proj_down")), base.get(layer.key("proj_up"))
     dtype = pd.dtype
     d0, u0 = LowRankDown.unpack(pd), LowRankUp.unpack(pu)
     f = lowrank_factors(op, loras) if op else None
+    rec = None
     if f is not None:
+        ideal, room, dropped = f, rank - d0.shape[0], 0.0
+        if f.down.shape[0] > room:
+            f, dropped = truncate(f, room)
         d = torch.cat([d0, _check_finite(layer.prefix, f.down).to(dtype)], 0)
         u = torch.cat([u0, _check_finite(layer.prefix, f.up).to(dtype)], 1)
     else:
         d, u = d0, u0
     d, u = pad_rank(d, rank, down=True), pad_rank(u, rank, down=False)
     out = {layer.key("proj_down"): LowRankDown.pack(d), layer.key("proj_up"): LowRankUp.pack(u)}
-    rec = None
     if f is not None:
-        err, ref = lowrank_error(u.float(), d.float(), u0.float(), d0.float(), f)
-        rec = {"rel_error": err, "delta_norm": ref, "rank_added": f.down.shape[0]}
+        err, ref = lowrank_error(u.float(), d.float(), u0.float(), d0.float(), ideal)
+        rec = {"rel_error": err, "delta_norm": ref, "rank_added": ideal.down.shape[0]}
+        if dropped:
+            rec |= {"rank_kept": f.down.shape[0], "truncation_error": dropped}
     db = delta_bias(op, loras) if op else None
     if db is not None:
         b = base.get(layer.key("bias"))

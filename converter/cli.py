@@ -116,6 +116,7 @@ def main() -> None:
     \b
       qwenlora-merge BASE LORA[:STRENGTH]... -o OUT     merge (the default command)
       qwenlora-merge verify BASE MERGED LORA[:STRENGTH]...   re-check a merged file
+      qwenlora-merge batch BASE PLAN.json                several outputs, base read once
 
     The merged file loads in stock ComfyUI-nunchaku and nunchaku's diffusers path: no runtime patch.
     Run `qwenlora-merge merge --help` for every option.
@@ -137,11 +138,15 @@ def main() -> None:
               help="AWQ modulation layers (img_mod.1/txt_mod.1): requantize calibrated on the timestep manifold, plain "
                    "requantization, fold the mean effect into the bias only, or leave them unchanged. A layer is never "
                    "written worse than unchanged.")
+@click.option("--max-rank", type=int, default=None,
+              help="Cap the uniform W4A4 rank (multiple of 16): a layer whose LoRA part does not fit keeps its best "
+                   "approximation (truncated SVD); the dropped fraction is reported per layer. Default: exact.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the maths, e.g. cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key.")
 @click.option("--debug", is_flag=True, hidden=True)
-def merge_cmd(base, loras, output, dry_run, as_json, allow_unmapped, overwrite, mod, device, quiet, verbose, debug):
+def merge_cmd(base, loras, output, dry_run, as_json, allow_unmapped, overwrite, mod, max_rank, device, quiet, verbose,
+              debug):
     """Merge LORA files into the Nunchaku checkpoint BASE.
 
     Each LORA may carry a strength after a colon (default 1.0, negative allowed):
@@ -159,62 +164,242 @@ def merge_cmd(base, loras, output, dry_run, as_json, allow_unmapped, overwrite, 
       qwenlora-merge base.safetensors lora.safetensors -o merged.safetensors --dry-run
       qwenlora-merge base.safetensors lora.safetensors -o merged.safetensors --json > report.json
     """
-    from .lora import parse_spec
-    from .pipeline import Options, execute, open_session
-    from .report import plan_report, render, summarize_layers
+    run_jobs(base, [(output, list(loras))], dry_run=dry_run, as_json=as_json, allow_unmapped=allow_unmapped,
+             overwrite=overwrite, mod=mod, max_rank=max_rank, device=device, quiet=quiet, verbose=verbose, debug=debug)
 
-    try:
-        import torch
 
-        if device != "cpu":
-            try:
-                torch.empty(1, device=device)
-            except Exception as e:  # noqa: BLE001 - torch raises several types here
-                raise MergeError(f"device {device!r} is not usable here: {str(e).splitlines()[0]}") from None
-        for spec in loras:
-            p, _ = parse_spec(spec)
-            if same_file(p, base):
-                raise MergeError(f"the LoRA {p} is the base checkpoint itself")
-        session = None
-        opts = Options(modulation=mod, allow_unmapped=allow_unmapped, device=device,
-                       progress=Progress(not quiet))
-        session = open_session(base, list(loras), opts)
+def check_device(device: str) -> None:
+    import torch
+
+    if device != "cpu":
         try:
-            plan = session.plan
-            out = output or default_output(base, plan.model.precision, plan.new_rank, [parse_spec(s)[0] for s in loras])
-            rep = plan_report(plan, base, os.path.getsize(base))
-            rep["dry_run"] = dry_run
-            rep["output_planned"] = out
-            w = name_warning(out, plan.model.precision, plan.new_rank)
-            if w:
-                rep["warnings"].append(w)
-            if same_file(out, base):
-                raise MergeError("the output path is the base checkpoint; refusing to write over an input")
-            for spec in loras:
-                if os.path.exists(out) and same_file(out, parse_spec(spec)[0]):
-                    raise MergeError("the output path is one of the LoRA files; refusing to write over an input")
-            if not dry_run:
-                if os.path.exists(out) and not overwrite:
-                    raise MergeError(f"{out} exists; pass --overwrite to replace it")
-                folder = os.path.dirname(os.path.abspath(out))
-                if not os.path.isdir(folder):
-                    raise MergeError(f"output folder {folder} does not exist")
-                rep.update(execute(session, out, opts))
-                rep["layers"] = session.records
-                rep["layers_summary"] = summarize_layers(session.records)
-        finally:
-            session.close()
+            torch.empty(1, device=device)
+        except Exception as e:  # noqa: BLE001 - torch raises several types here
+            raise MergeError(f"device {device!r} is not usable here: {str(e).splitlines()[0]}") from None
+
+
+def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run: bool, as_json: bool,
+             allow_unmapped: bool, overwrite: bool, mod: str, max_rank: int | None, device: str, quiet: bool,
+             verbose: bool, debug: bool) -> None:
+    """Plan every (output, loras) entry against one base, then stream the base once for all of them."""
+    from .lora import parse_spec
+    from .model import load_model
+    from .pipeline import Job, Options, execute_many, open_session
+    from .report import plan_report, render, summarize_layers
+    from .st_io import Checkpoint
+
+    reports: list[dict] = []
+    try:
+        check_device(device)
+        opts = Options(modulation=mod, allow_unmapped=allow_unmapped, device=device, progress=Progress(not quiet))
+        with Checkpoint(base) as ckpt:
+            model = load_model(ckpt)
+            jobs, seen = [], set()
+            try:
+                for output, loras in entries:
+                    for spec in loras:
+                        p, _ = parse_spec(spec)
+                        if same_file(p, base):
+                            raise MergeError(f"the LoRA {p} is the base checkpoint itself")
+                    s = open_session(ckpt, loras, opts, model=model, max_rank=max_rank)
+                    jobs.append(Job(s, ""))
+                    plan = s.plan
+                    out = output or default_output(base, plan.model.precision, plan.new_rank,
+                                                   [parse_spec(x)[0] for x in loras])
+                    jobs[-1].out_path = out
+                    rep = plan_report(plan, base, os.path.getsize(base))
+                    rep["dry_run"] = dry_run
+                    rep["output_planned"] = out
+                    w = name_warning(out, plan.model.precision, plan.new_rank)
+                    if w:
+                        rep["warnings"].append(w)
+                    if same_file(out, base):
+                        raise MergeError("the output path is the base checkpoint; refusing to write over an input")
+                    for spec in loras:
+                        if os.path.exists(out) and same_file(out, parse_spec(spec)[0]):
+                            raise MergeError("the output path is one of the LoRA files; refusing to write over an input")
+                    key = os.path.abspath(out)
+                    if key in seen:
+                        raise MergeError(f"two outputs of this run are both {out}")
+                    seen.add(key)
+                    if not dry_run:
+                        if os.path.exists(out) and not overwrite:
+                            raise MergeError(f"{out} exists; pass --overwrite to replace it")
+                        folder = os.path.dirname(os.path.abspath(out))
+                        if not os.path.isdir(folder):
+                            raise MergeError(f"output folder {folder} does not exist")
+                    reports.append(rep)
+                if not dry_run:
+                    for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
+                        rep.update(res)
+                        rep["layers"] = j.session.records
+                        rep["layers_summary"] = summarize_layers(j.session.records)
+            finally:
+                for j in jobs:
+                    for lf in j.session.loras:
+                        lf.ckpt.close()
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
         fail(e, debug)
         return
     if as_json:
-        click.echo(json.dumps(rep, indent=1))
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else {"outputs": reports}, indent=1))
     elif not quiet:
-        click.echo(render(rep, verbose))
-    for w in rep["warnings"]:
-        if as_json or quiet:
-            click.echo(f"warning: {w}", err=True)
+        click.echo("\n\n".join(render(r, verbose) for r in reports))
+    for r in reports:
+        for w in r["warnings"]:
+            if as_json or quiet:
+                click.echo(f"warning: {w}", err=True)
+
+
+def read_batch_file(path: str) -> list[tuple[str | None, list[str]]]:
+    """JSON or TOML: {"outputs": [{"output": "a.safetensors", "loras": ["x.safetensors:0.8", ...]}, ...]}.
+    A LoRA may also be {"path": ..., "strength": ...}. Relative paths are relative to the plan file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if path.endswith(".toml"):
+            import tomllib
+
+            data = tomllib.loads(raw.decode())
+        else:
+            data = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"cannot read batch file {path}: {e}") from None
+    root = os.path.dirname(os.path.abspath(path))
+    rel = lambda p: p if os.path.isabs(p) else os.path.join(root, p)
+    entries = []
+    outs = data.get("outputs") if isinstance(data, dict) else None
+    if not isinstance(outs, list) or not outs:
+        raise MergeError(f"{path}: expected a non-empty 'outputs' list")
+    for i, e in enumerate(outs):
+        if not isinstance(e, dict) or not isinstance(e.get("loras"), list) or not e["loras"]:
+            raise MergeError(f"{path}: outputs[{i}] needs a non-empty 'loras' list")
+        specs = []
+        for l in e["loras"]:
+            if isinstance(l, str):
+                p, sep, st = l.rpartition(":")
+                specs.append(rel(l) if not sep or not _is_number(st) else f"{rel(p)}:{st}")
+            elif isinstance(l, dict) and "path" in l:
+                specs.append(f"{rel(l['path'])}:{float(l.get('strength', 1.0))}")
+            else:
+                raise MergeError(f"{path}: outputs[{i}] has a bad LoRA entry {l!r}")
+        out = e.get("output")
+        entries.append((rel(out) if out else None, specs))
+    return entries
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+@main.command("batch")
+@click.argument("base", type=click.Path(exists=True, dir_okay=False))
+@click.argument("plan_file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--output-set", "sets", multiple=True, metavar="OUT=LORA[:S][,LORA[:S]...]",
+              help="One output and its LoRAs; repeat for more outputs.")
+@click.option("--dry-run", is_flag=True, help="Plan every output; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+@click.option("--allow-unmapped", is_flag=True, help="As for merge.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--mod", type=click.Choice(["calibrated", "requant", "biasfold", "skip"]), default="calibrated",
+              show_default=True, help="As for merge.")
+@click.option("--max-rank", type=int, default=None, help="As for merge.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("--debug", is_flag=True, hidden=True)
+def batch_cmd(base, plan_file, sets, dry_run, as_json, allow_unmapped, overwrite, mod, max_rank, device, quiet, verbose,
+              debug):
+    """Write several merged files from one BASE, reading BASE once.
+
+    \b
+    The outputs come from PLAN_FILE (JSON or TOML) and/or --output-set options:
+      {"outputs": [{"output": "a.safetensors", "loras": ["style.safetensors:0.8"]},
+                   {"output": "b.safetensors", "loras": ["style.safetensors:0.4", "light.safetensors"]}]}
+      qwenlora-merge batch base.safetensors --output-set a.safetensors=style.safetensors:0.8 \\
+                                            --output-set b.safetensors=style.safetensors:0.4,light.safetensors
+    Every output is written to a temp file first and renamed only when all of them succeeded.
+    """
+    try:
+        entries = read_batch_file(plan_file) if plan_file else []
+        for item in sets:
+            out, sep, rest = item.partition("=")
+            if not sep or not out or not rest:
+                raise MergeError(f"--output-set wants OUT=LORA[:S][,LORA[:S]...], got {item!r}")
+            entries.append((out, [x for x in rest.split(",") if x]))
+        if not entries:
+            raise MergeError("nothing to do: give a plan file or --output-set")
+    except MergeError as e:
+        fail(e, debug)
+        return
+    run_jobs(base, entries, dry_run=dry_run, as_json=as_json, allow_unmapped=allow_unmapped, overwrite=overwrite,
+             mod=mod, max_rank=max_rank, device=device, quiet=quiet, verbose=verbose, debug=debug)
+
+
+@main.command("verify")
+@click.argument("base", type=click.Path(exists=True, dir_okay=False))
+@click.argument("merged", type=click.Path(exists=True, dir_okay=False))
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:STRENGTH]...")
+@click.option("--json", "as_json", is_flag=True, help="Every layer's figures as JSON on stdout.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-block fidelity to a PNG (needs matplotlib).")
+@click.option("--allow-unmapped", is_flag=True, help="As used for the merge.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
+@click.option("--debug", is_flag=True, hidden=True)
+def verify_cmd(base, merged, loras, as_json, plot_path, allow_unmapped, quiet, debug):
+    """Check MERGED against BASE + LORAs, from the files alone.
+
+    \b
+    Per layer: W4A4 low-rank exactness (rel. error < 1e-2, main 4-bit path byte-identical), 16-bit layers
+    (within 1.5x the bf16 rounding floor, applied fraction 1 +- 1e-2), modulation e_mod on 256 held-out
+    timesteps (<= 1.0: never worse than the base). Loader contract: same keys and dtypes, one rank for every
+    W4A4 layer equal to the metadata rank, metadata otherwise unchanged.
+    Exit 0 when everything holds, 4 when something does not, 2 on bad input.
+    """
+    from .verify import plot, verify
+
+    try:
+        res, s = verify(base, merged, list(loras), allow_unmapped=allow_unmapped)
+        s.close()
+        if plot_path:
+            plot(res, plot_path)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        fail(e, debug)
+        return
+    if as_json:
+        click.echo(json.dumps({"ok": res.ok, "contract": res.contract, "layers": res.layers}, indent=1))
+    elif not quiet:
+        click.echo(render_verify(res))
+    verdict = "OK" if res.ok else f"FAILED ({len(res.contract)} contract problems, {len(res.failed)} layers)"
+    click.echo(f"verify: {verdict}", err=True)
+    sys.exit(EXIT_OK if res.ok else EXIT_VERIFY)
+
+
+def render_verify(res) -> str:
+    import statistics
+    from collections import defaultdict
+
+    lines = []
+    for p in res.contract:
+        lines.append(f"contract  {p}")
+    by = defaultdict(list)
+    for l in res.layers:
+        by[l["kind"]].append(l)
+    for kind, ls in sorted(by.items()):
+        key = "e_mod" if kind == "modulation" else "rel_error"
+        vals = [l[key] for l in ls if key in l]
+        bad = sum(not l["ok"] for l in ls)
+        fig = f"{key} median {statistics.median(vals):.3g} max {max(vals):.3g}" if vals else ""
+        lines.append(f"{kind:15s} {len(ls):4d} layers  {bad} failing  {fig}")
+    for l in res.failed[:20]:
+        lines.append(f"FAIL      {l['layer']}: {'; '.join(l['problems'])}")
+    if len(res.failed) > 20:
+        lines.append(f"... {len(res.failed) - 20} more failing layers (--json lists all)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="qwenlora-merge")

@@ -21,6 +21,7 @@ from .planner import LayerOp, Plan, build_plan, updated_metadata
 from .st_io import Checkpoint, OutSpec, StreamingWriter
 
 MOD_MODES = ("calibrated", "requant", "biasfold", "skip")
+SHARED_READ_LIMIT = 512 << 20
 
 
 @dataclass
@@ -47,22 +48,27 @@ class Session:
             lf.ckpt.close()
 
 
-def open_session(base_path: str, lora_specs: list[str], opts: Options) -> Session:
+def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, model: Model | None = None,
+                 max_rank: int | None = None) -> Session:
+    """Open (or share) the base, open the LoRAs and build the plan. A shared base stays open on failure."""
     if opts.modulation not in MOD_MODES:
         raise MergeError(f"unknown modulation mode {opts.modulation!r}; choose from {', '.join(MOD_MODES)}")
-    base = Checkpoint(base_path)
+    own = not isinstance(base, Checkpoint)
+    ckpt = Checkpoint(base) if own else base
     loras: list[LoraFile] = []
     try:
-        model = load_model(base)
+        model = model or load_model(ckpt)
         for spec in lora_specs:
             loras.append(open_lora(spec))
-        plan = build_plan(model, loras, allow_unmapped=opts.allow_unmapped, modulation_mode=opts.modulation)
+        plan = build_plan(model, loras, allow_unmapped=opts.allow_unmapped, modulation_mode=opts.modulation,
+                          max_rank=max_rank)
     except BaseException:
-        base.close()
+        if own:
+            ckpt.close()
         for lf in loras:
             lf.ckpt.close()
         raise
-    return Session(base, model, loras, plan)
+    return Session(ckpt, model, loras, plan)
 
 
 # -- modulation layers ------------------------------------------------------------------------------------
@@ -157,60 +163,98 @@ def transform_layer(s: Session, prefix: str, ctx_getter, device: str) -> tuple[d
     return out, {"layer": prefix, "method": op.method} | rec
 
 
-def execute(s: Session, out_path: str, opts: Options) -> dict:
-    plan, base = s.plan, s.base
-    specs = output_specs(plan, base)
-    touched = plan.touched_keys()
-    provenance = {
+@dataclass
+class Job:
+    """One output of a run: its session (plan) and path; several jobs share one base and one pass over it."""
+
+    session: Session
+    out_path: str
+    specs: list[OutSpec] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    touched: set[str] = field(default_factory=set)
+    writer: StreamingWriter | None = None
+    pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def _provenance(s: Session) -> dict:
+    return {
         "tool": f"qwenlora-merge {__version__}",
         "loras": [{"file": lf.name, "sha256": lf.sha256, "strength": lf.strength, "format": lf.format} for lf in s.loras],
-        "rank": {"from": plan.model.rank, "to": plan.new_rank},
-        "modulation": plan.modulation_mode,
+        "rank": {"from": s.plan.model.rank, "to": s.plan.new_rank},
+        "modulation": s.plan.modulation_mode,
     }
-    meta = updated_metadata(plan, provenance)
-    total = sum(sp.nbytes for sp in specs)
-    done = [0]
 
-    def progress(n: int, what: str = "") -> None:
-        done[0] += n
-        if opts.progress:
-            opts.progress(done[0], total, what)
 
+def execute(s: Session, out_path: str, opts: Options) -> dict:
+    return execute_many(s.base, [Job(s, out_path)], opts)[0]
+
+
+def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
+    """Stream the base once; every job gets each tensor either copied byte for byte or transformed.
+    All outputs are committed only if every job succeeded; on any failure no output file is left."""
+    paths = [os.path.abspath(j.out_path) for j in jobs]
+    if len(set(paths)) != len(paths):
+        raise MergeError("two outputs of one batch have the same path")
     ctx: list[ModulationContext] = []
 
     def ctx_getter() -> ModulationContext:
         if not ctx:
-            ctx.append(ModulationContext(base, plan.model, opts.device))
+            ctx.append(ModulationContext(base, jobs[0].session.model, opts.device))
         return ctx[0]
 
-    writer = StreamingWriter(out_path, specs, meta, progress=lambda n: progress(n))
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    s.records = []
+    total = 0
+    for j in jobs:
+        j.specs = output_specs(j.session.plan, base)
+        j.touched = j.session.plan.touched_keys()
+        j.meta = updated_metadata(j.session.plan, _provenance(j.session))
+        total += sum(sp.nbytes for sp in j.specs)
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if opts.progress:
+            opts.progress(done[0], total, "")
+
     t0 = time.perf_counter()
     try:
-        for sp in specs:
-            name = sp.name
-            if name not in touched:
-                writer.copy_tensor(name, base)
-                continue
-            prefix = name.rpartition(".")[0]
-            if prefix not in pending:
-                out, rec = transform_layer(s, prefix, ctx_getter, opts.device)
-                pending[prefix] = out
-                if rec:
-                    s.records.append(rec)
-            t = pending[prefix].pop(name, None)
-            if t is None:
-                writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
-            else:
-                writer.write_tensor(name, t)
-            if not pending[prefix]:
-                del pending[prefix]
-        writer.commit(check=lambda tmp: post_write_check(tmp, specs, meta))
+        for j in jobs:
+            j.session.records = []
+            j.writer = StreamingWriter(j.out_path, j.specs, j.meta, progress=progress)
+        for name, info in base.tensors.items():
+            shared = None
+            if sum(name not in j.touched for j in jobs) > 1 and info.nbytes <= SHARED_READ_LIMIT:
+                shared = base.read_bytes(name)  # read once, written to every output that copies it
+            for j in jobs:
+                if name not in j.touched:
+                    if shared is not None:
+                        j.writer.write_raw(name, shared)
+                    else:
+                        j.writer.copy_tensor(name, base)
+                    continue
+                prefix = name.rpartition(".")[0]
+                if prefix not in j.pending:
+                    out, rec = transform_layer(j.session, prefix, ctx_getter, opts.device)
+                    j.pending[prefix] = out
+                    if rec:
+                        j.session.records.append(rec)
+                t = j.pending[prefix].pop(name, None)
+                if t is None:
+                    j.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
+                else:
+                    j.writer.write_tensor(name, t)
+                if not j.pending[prefix]:
+                    del j.pending[prefix]
+        for j in jobs:
+            j.writer.finish(check=lambda tmp, j=j: post_write_check(tmp, j.specs, j.meta))
+        for j in jobs:
+            j.writer.publish()
     except BaseException:
-        writer.abort()
+        for j in jobs:
+            if j.writer is not None:
+                j.writer.abort()
         raise
-    return {"seconds": round(time.perf_counter() - t0, 3), "output": out_path, "output_bytes": os.path.getsize(out_path)}
+    secs = round(time.perf_counter() - t0, 3)
+    return [{"seconds": secs, "output": j.out_path, "output_bytes": os.path.getsize(j.out_path)} for j in jobs]
 
 
 def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:

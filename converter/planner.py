@@ -146,7 +146,7 @@ def method_for(layer: Layer, splits: int | None) -> str:
 
 
 def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = False,
-               modulation_mode: str = "calibrated") -> Plan:
+               modulation_mode: str = "calibrated", max_rank: int | None = None) -> Plan:
     fam = by_name(model.family)
     targets = fam.lora_targets(model.layers)
     underscore_index = {name.replace(".", "_"): name for name in targets}
@@ -194,9 +194,16 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
     lowrank_layers = [p for p, l in model.layers.items() if l.layout.is_svdq]
     added = max((op.added_rank for op in ops.values() if op.method == "lowrank_append"), default=0)
     new_rank = round16(model.rank + added) if added else model.rank
+    if max_rank is not None:
+        if max_rank % 16 or max_rank <= model.rank:
+            raise MergeError(f"--max-rank must be a multiple of 16 above the base rank {model.rank}, got {max_rank}")
+        if new_rank > max_rank:
+            warnings.append(f"rank capped at {max_rank} (exact merge needs {new_rank}): layers whose LoRA part exceeds "
+                            f"rank {max_rank - model.rank} keep its top singular directions; see the per-layer error")
+            new_rank = max_rank
     if new_rank > MAX_RANK:
         raise MergeError(f"the merged rank would be {new_rank}, above Nunchaku's limit of {MAX_RANK}; "
-                         "merge fewer or lower-rank LoRAs")
+                         "merge fewer or lower-rank LoRAs, or cap it with --max-rank")
     return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, lowrank_layers)
 
 

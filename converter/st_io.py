@@ -223,22 +223,26 @@ class StreamingWriter:
         if self._progress:
             self._progress(n)
 
-    def commit(self, check: Callable[[str], None] | None = None) -> None:
-        """fsync, run `check(temp_path)` on the complete file, then rename it into place."""
+    def write_raw(self, name: str, data: bytes | bytearray) -> None:
+        self._expect(name, len(data))
+        self._f.write(data)
+        if self._progress:
+            self._progress(len(data))
+
+    def finish(self, check: Callable[[str], None] | None = None) -> None:
+        """Flush and fsync the complete temp file, then run `check(temp_path)` on it."""
         if self._next != len(self.specs):
-            self.abort()
             raise RuntimeError(f"writer: only {self._next} of {len(self.specs)} tensors written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        if check is not None:
+            check(self.tmp_path)
+
+    def publish(self) -> None:
+        """Rename the finished temp file into place (atomic) and make the rename durable."""
+        os.replace(self.tmp_path, self.path)
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            if check is not None:
-                check(self.tmp_path)
-            os.replace(self.tmp_path, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        try:  # make the rename itself durable
             dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
                 os.fsync(dfd)
@@ -246,6 +250,14 @@ class StreamingWriter:
                 os.close(dfd)
         except OSError:
             pass
+
+    def commit(self, check: Callable[[str], None] | None = None) -> None:
+        try:
+            self.finish(check)
+            self.publish()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         try:

@@ -56,6 +56,7 @@ truth["target_map"]    {canonical module: (checkpoint module, row_start, row_sto
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import warnings
@@ -142,6 +143,26 @@ def quantization_config(precision: str, rank: int, **extra) -> dict:
 
 
 # ------------------------------------------------------------------------------------ SVDQ W4A4 layers
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """The tensors here are small: intra-op threading only costs (badly so on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _single_threaded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _single_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -437,6 +458,7 @@ def qwen_config(blocks: int, dim: int, text_dim: int) -> dict:
     }
 
 
+@_single_threaded
 def build_qwen_checkpoint(
     path,
     *,
@@ -586,6 +608,7 @@ def zimage_config(layers: int, dim: int, cap_feat_dim: int) -> dict:
     }
 
 
+@_single_threaded
 def build_zimage_checkpoint(
     path,
     *,

@@ -19,6 +19,15 @@ from lora_builders import FORMATS, lora_keys, random_lora_modules, write_lora
 BF16 = torch.bfloat16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: intra-op threads only add overhead (a lot of it on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------ doc-formula decoders (test only)
 
 
@@ -61,6 +70,15 @@ def _unpack_awq(qweight: torch.Tensor) -> torch.Tensor:
     u16 = u16.reshape(o4, i // 64, 4, 2, 8)
     nib = (u16[..., None] >> (4 * torch.arange(4, dtype=torch.int32))) & 0xF
     return nib.permute(0, 2, 1, 3, 5, 4).reshape(o, i)
+
+
+def _assert_close(actual, expected, *, rtol, atol):
+    # (torch.testing.assert_close costs ~2 s of lazy imports on first use)
+    actual, expected = actual.float(), expected.float()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual - expected).abs()
+    bad = err > atol + rtol * expected.abs()
+    assert not bad.any(), f"{int(bad.sum())} elements differ, max abs err {float(err.max())}"
 
 
 def _rewrite(src, dst, *, drop=(), add=None, replace=None, metadata=None):
@@ -328,7 +346,7 @@ def test_svdq_truth_decodes(fixture, request):
             assert torch.equal(_unpack_vector(t["bias"]), info["bias_stored"]), module
         # §2.3: W_eff = diag(wcscales)·Ŵ·diag(1/s) + U·D
         w_eff = wc[:, None] * w_hat / s.float()[None, :] + up.float() @ down.float()
-        torch.testing.assert_close(w_eff, info["w_eff"], rtol=1e-5, atol=1e-6)
+        _assert_close(w_eff, info["w_eff"], rtol=1e-5, atol=1e-6)
         rel = (info["w_deq"] - info["weight"].float()).norm() / info["weight"].float().norm()
         assert rel < 0.3, (module, float(rel))
 
@@ -343,7 +361,7 @@ def test_fused_smooth_fixture(qwen_int4_fused_smooth):
         info = truth["svdq"][qkv]
         assert not info["fused_smooth"]
         # the stored V rows are the logical ones divided by s (bias exactly up to bf16 rounding)
-        torch.testing.assert_close(
+        _assert_close(
             info["bias_stored"].float()[512:], info["bias"].float()[512:] / s, rtol=1e-2, atol=1e-4
         )
     assert not truth["svdq"]["transformer_blocks.1.attn.to_out.0"]["fused_smooth"]
@@ -366,7 +384,7 @@ def test_awq_truth_decodes(qwen_int4):
         # bias: interleaved, +1 on the scale entries (k = 1, 4)
         b = t["bias"].float().view(o // 6, 6)
         b_ref = info["bias"].float().view(6, o // 6).t()
-        torch.testing.assert_close(b - b_ref, torch.tensor([0, 1, 0, 0, 1, 0.0]).expand_as(b), atol=8e-3, rtol=0)
+        _assert_close(b - b_ref, torch.tensor([0, 1, 0, 0, 1, 0.0]).expand_as(b), atol=8e-3, rtol=0)
         assert t["wscales"].shape == (i // 64, o) and t["wzeros"].shape == (i // 64, o)
 
 

@@ -1,0 +1,571 @@
+#!/usr/bin/env python
+"""Full-size merge benchmark on a synthetic Nunchaku Qwen-Image checkpoint.
+
+    python scripts/bench.py                    # 60 blocks, rank 128 base (~12.7 GB), rank-64 LoRA
+    python scripts/bench.py --blocks 2         # quick smoke run
+    python scripts/bench.py --rank 32 --cold   # drop the page cache before each job (needs root)
+
+What it does
+------------
+1. Generates (once; cached in --workdir and reused while the header still matches) a base checkpoint with
+   the real key names, shapes, dtypes, key order and metadata of the 60-block
+   `NunchakuQwenImageTransformer2DModel` int4 files, filled with random contents: random bits for the
+   packed int8/int32 qweights, small bf16 normals for the low-rank branch, positive bf16 scales and smooth
+   factors, and a timestep embedder with std 1/sqrt(fan_in) weights so that the modulation layers see a
+   sane input. It is written tensor by tensor through `converter.st_io.StreamingWriter` (header first,
+   then each tensor): generation never holds more than one tensor in memory.
+2. Generates a diffusers-format LoRA (`transformer_blocks.N.<module>.lora_A.weight` / `lora_B.weight`,
+   rank --lora-rank, no alpha) on every block: separate attn.to_q/to_k/to_v and add_q/k/v_proj A matrices,
+   attn.to_out.0, attn.to_add_out, img/txt_mlp.net.0.proj and net.2, img_mod.1 and txt_mod.1.
+3. Runs, each in its own subprocess, one after the other (output deleted and `sync` after each):
+     cp          `cp BASE OUT && sync OUT` (the copy is fsync'ed, as the merge fsyncs its output)
+     merge-skip  `python -m converter.cli BASE LORA -o OUT --mod skip`
+     merge-mod   `python -m converter.cli BASE LORA -o OUT` (default --mod calibrated)
+     naive       safetensors.torch.load_file(BASE) + save_file(OUT) (+ fsync), run last, under an
+                 RLIMIT_AS cap; skipped by default when the base is larger than 40 % of RAM (--naive forces
+                 it: it then prints "did not fit" if it runs out of memory under the cap).
+   Wall time is measured around the child; CPU time and peak RSS come from the child's own rusage,
+   returned by os.wait4() (ru_maxrss: the high-water mark of its resident set, including the children it
+   waited for, e.g. cp under sh; file-backed mmap pages count, page-cache pages read with pread do not).
+4. Warm cache by default: before each job the base and LoRA are read once (untimed) so they sit in the page
+   cache. --cold instead runs `sync; echo 3 > /proc/sys/vm/drop_caches` before each job (root only).
+
+Prints the machine, then a table: job, wall s, ratio to cp, CPU s, peak RSS, output size, status.
+--json prints the same as one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from converter.st_io import Checkpoint, OutSpec, StreamingWriter  # noqa: E402
+
+FORMAT_VERSION = 1  # bump when the generated contents change, so cached files are rebuilt
+
+D = 3072
+HEADS = 24
+HEAD_DIM = 128
+TEXT_DIM = 3584
+MLP = 4 * D
+MOD_OUT = 6 * D
+T_DIM = 256
+IN_CH = 64
+GROUP = 64
+BF16 = torch.bfloat16
+
+# (module, in, out) of the SVDQ W4A4 layers of one block
+SVDQ_LAYERS = (
+    ("attn.to_qkv", D, 3 * D),
+    ("attn.add_qkv_proj", D, 3 * D),
+    ("attn.to_out.0", D, D),
+    ("attn.to_add_out", D, D),
+    ("img_mlp.net.0.proj", D, MLP),
+    ("txt_mlp.net.0.proj", D, MLP),
+    ("img_mlp.net.2", MLP, D),
+    ("txt_mlp.net.2", MLP, D),
+)
+AWQ_LAYERS = ("img_mod.1", "txt_mod.1")
+NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+# (module, out, in) of the bf16 linears outside the blocks; all have a bias
+DENSE_OUTSIDE = (
+    ("img_in", D, IN_CH),
+    ("txt_in", D, TEXT_DIM),
+    ("time_text_embed.timestep_embedder.linear_1", D, T_DIM),
+    ("time_text_embed.timestep_embedder.linear_2", D, D),
+    ("norm_out.linear", 2 * D, D),
+    ("proj_out", IN_CH, D),
+)
+# LoRA modules per block: (diffusers module, out, in)
+LORA_MODULES = (
+    ("attn.to_q", D, D), ("attn.to_k", D, D), ("attn.to_v", D, D),
+    ("attn.add_q_proj", D, D), ("attn.add_k_proj", D, D), ("attn.add_v_proj", D, D),
+    ("attn.to_out.0", D, D), ("attn.to_add_out", D, D),
+    ("img_mlp.net.0.proj", MLP, D), ("img_mlp.net.2", D, MLP),
+    ("txt_mlp.net.0.proj", MLP, D), ("txt_mlp.net.2", D, MLP),
+    ("img_mod.1", MOD_OUT, D), ("txt_mod.1", MOD_OUT, D),
+)
+
+# safetensors' save_file orders tensors by dtype (descending Dtype enum) then by name; stock Nunchaku files
+# were written by it, so a real file has all I32 (AWQ qweights) first, then all BF16, then all I8.
+_ST_DTYPE_ORDER = {"BOOL": 0, "U8": 1, "I8": 2, "F8_E5M2": 3, "F8_E4M3": 4, "I16": 5, "U16": 6, "F16": 7,
+                   "BF16": 8, "I32": 9, "U32": 10, "F32": 11, "F64": 12, "I64": 13, "U64": 14}
+
+
+def st_order(specs: list[OutSpec]) -> list[OutSpec]:
+    return sorted(specs, key=lambda s: (-_ST_DTYPE_ORDER[s.dtype], s.name))
+
+
+# ------------------------------------------------------------------------------------------ base layout
+def qwen_config(blocks: int) -> dict:
+    return {
+        "_class_name": "QwenImageTransformer2DModel",
+        "_diffusers_version": "0.35.0",
+        "attention_head_dim": HEAD_DIM,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": False,
+        "in_channels": IN_CH,
+        "joint_attention_dim": TEXT_DIM,
+        "num_attention_heads": HEADS,
+        "num_layers": blocks,
+        "out_channels": 16,
+        "patch_size": 2,
+    }
+
+
+def base_metadata(blocks: int, rank: int) -> dict[str, str]:
+    spec = {"dtype": "int4", "scale_dtype": None, "group_size": 64}
+    return {
+        "config": json.dumps(qwen_config(blocks)),
+        "comfy_config": json.dumps({"model_class": "QwenImage",
+                                    "model_config": {"image_model": "qwen_image", "scale_shift": 0}}),
+        "model_class": "NunchakuQwenImageTransformer2DModel",
+        "quantization_config": json.dumps({"method": "svdquant", "weight": dict(spec), "activation": dict(spec),
+                                           "rank": rank}),
+    }
+
+
+def base_specs(blocks: int, rank: int) -> list[OutSpec]:
+    s: list[OutSpec] = []
+    add = lambda name, dtype, *shape: s.append(OutSpec(name, dtype, tuple(shape)))  # noqa: E731
+    for name, o, i in DENSE_OUTSIDE:
+        add(f"{name}.weight", "BF16", o, i)
+        add(f"{name}.bias", "BF16", o)
+    add("txt_norm.weight", "BF16", TEXT_DIM)
+    for b in range(blocks):
+        p = f"transformer_blocks.{b}"
+        for m, i, o in SVDQ_LAYERS:
+            q = f"{p}.{m}"
+            add(f"{q}.qweight", "I8", o, i // 2)
+            add(f"{q}.wscales", "BF16", i // GROUP, o)
+            add(f"{q}.smooth_factor", "BF16", i)
+            add(f"{q}.smooth_factor_orig", "BF16", i)
+            add(f"{q}.proj_down", "BF16", i, rank)
+            add(f"{q}.proj_up", "BF16", o, rank)
+            add(f"{q}.bias", "BF16", o)
+        for m in AWQ_LAYERS:
+            q = f"{p}.{m}"
+            add(f"{q}.qweight", "I32", MOD_OUT // 4, D // 2)
+            add(f"{q}.wscales", "BF16", D // GROUP, MOD_OUT)
+            add(f"{q}.wzeros", "BF16", D // GROUP, MOD_OUT)
+            add(f"{q}.bias", "BF16", MOD_OUT)
+        for n in NORMS:
+            add(f"{p}.attn.{n}.weight", "BF16", HEAD_DIM)
+    return st_order(s)
+
+
+def lora_specs(blocks: int, r: int) -> list[OutSpec]:
+    s = []
+    for b in range(blocks):
+        for m, o, i in LORA_MODULES:
+            s.append(OutSpec(f"transformer_blocks.{b}.{m}.lora_A.weight", "BF16", (r, i)))
+            s.append(OutSpec(f"transformer_blocks.{b}.{m}.lora_B.weight", "BF16", (o, r)))
+    return st_order(s)
+
+
+# ---------------------------------------------------------------------------------------- random fills
+class Filler:
+    """Random tensor contents; numpy PCG64 for the bulk random bits (~8x faster than torch.randint here)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def bits(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        words = self.rng.integers(0, 2**63, (n + 7) // 8, dtype=np.uint64, endpoint=False)
+        words ^= self.rng.integers(0, 2, words.shape, dtype=np.uint64) << np.uint64(63)  # top bit random too
+        raw = torch.from_numpy(words.view(np.uint8)[:n].copy())
+        return raw.view(dtype).reshape(shape)
+
+    def normal(self, shape, std: float, mean: float = 0.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.g) * std + mean).to(BF16)
+
+    def lognormal(self, shape, scale: float, sigma: float) -> torch.Tensor:
+        return (torch.exp(torch.randn(*shape, generator=self.g) * sigma) * scale).to(BF16)
+
+
+def base_tensor(f: Filler, spec: OutSpec) -> torch.Tensor:
+    prefix, _, part = spec.name.rpartition(".")
+    shape = spec.shape
+    if prefix.endswith(AWQ_LAYERS):  # AWQ W4A16 modulation layer (codes 0..15, w = q*s + z)
+        if part == "qweight":
+            return f.bits(shape, torch.int32)
+        # weights ~ N(0, 1/sqrt(D)): uniform codes have std ~4.6, mean 7.5; wzeros ~ -7.5*wscales, so both
+        # are drawn from one per-layer generator
+        g = torch.Generator().manual_seed(zlib.crc32(prefix.encode()))
+        scale = torch.exp(torch.randn(*shape, generator=g) * 0.1) / math.sqrt(D) / 4.6
+        if part == "wscales":
+            return scale.to(BF16)
+        if part == "wzeros":
+            return (-7.5 * scale * (1 + 0.05 * torch.randn(*shape, generator=g))).to(BF16)
+        if part == "bias":  # interleaved rows d*6+k, +1 folded into the scale entries k=1 and k=4
+            b = torch.randn(shape[0], generator=f.g) * 0.02
+            b.view(-1, 6)[:, 1] += 1.0
+            b.view(-1, 6)[:, 4] += 1.0
+            return b.to(BF16)
+    if part == "qweight":
+        return f.bits(shape, torch.int8)
+    if part == "wscales":  # int4 group scales ~ absmax/7 of N(0, 1/sqrt(I)) groups
+        return f.lognormal(shape, 0.35 / math.sqrt(shape[0] * GROUP), 0.2)
+    if part in ("smooth_factor", "smooth_factor_orig"):
+        # equal in stock files (nothing fused upstream): same seed for both of a layer
+        g = torch.Generator().manual_seed(zlib.crc32(prefix.encode()))
+        return (torch.exp(torch.randn(*shape, generator=g) * 0.4)).to(BF16)
+    if part == "proj_down":  # (I, R)
+        return f.normal(shape, 1.0 / math.sqrt(shape[0]))
+    if part == "proj_up":  # (O, R)
+        return f.normal(shape, 0.1 / math.sqrt(shape[1]))
+    if part == "bias":
+        return f.normal(shape, 0.02)
+    if part == "weight" and len(shape) == 1:  # norms
+        return f.normal(shape, 0.05, 1.0)
+    if part == "weight":  # dense linear: std 1/sqrt(fan_in)
+        return f.normal(shape, 1.0 / math.sqrt(shape[1]))
+    raise AssertionError(spec.name)
+
+
+def lora_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
+    r_or_o, c = spec.shape
+    if ".lora_A." in spec.name:  # (r, in)
+        return f.normal(spec.shape, 1.0 / math.sqrt(c))
+    # B (out, r): ||B·A||_F ~ scale * sqrt(out), i.e. 5 % of a unit-normalised weight
+    return f.normal(spec.shape, scale / math.sqrt(c))
+
+
+def _matches(path: Path, specs: list[OutSpec], meta: dict[str, str]) -> bool:
+    try:
+        with Checkpoint(path) as c:
+            got = [(n, i.dtype, i.shape) for n, i in c.tensors.items()]
+            return got == [(s.name, s.dtype, s.shape) for s in specs] and c.metadata == meta
+    except Exception:  # noqa: BLE001 - any unreadable cache file is rebuilt
+        return False
+
+
+def generate(path: Path, specs: list[OutSpec], meta: dict[str, str], fill, seed: int, log) -> float:
+    """Write `path` tensor by tensor (cached: reused if its header already matches). Returns seconds spent."""
+    if path.exists() and _matches(path, specs, meta):
+        log(f"reusing {path} ({path.stat().st_size / 1e9:.2f} GB)")
+        return 0.0
+    total = sum(s.nbytes for s in specs)
+    log(f"generating {path.name}: {len(specs)} tensors, {total / 1e9:.2f} GB ...")
+    t0 = time.perf_counter()
+    f = Filler(seed)
+    w = StreamingWriter(path, specs, meta)
+    done, last = 0, t0
+    try:
+        for s in specs:
+            w.write_tensor(s.name, fill(f, s))
+            done += s.nbytes
+            if time.perf_counter() - last > 15:
+                last = time.perf_counter()
+                log(f"  {done / total * 100:5.1f}%  {done / 1e9:.2f} GB  {last - t0:.0f}s")
+        w.commit()
+    except BaseException:
+        w.abort()
+        raise
+    dt = time.perf_counter() - t0
+    log(f"  wrote {path.stat().st_size / 1e9:.2f} GB in {dt:.0f}s")
+    return dt
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+@dataclass
+class Result:
+    job: str
+    status: str = "ok"
+    wall_s: float | None = None
+    cpu_s: float | None = None
+    user_s: float | None = None
+    sys_s: float | None = None
+    peak_rss: int | None = None  # bytes
+    output_bytes: int | None = None
+    ratio: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+NAIVE_CODE = r"""
+import os, sys
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+base, out = sys.argv[1], sys.argv[2]
+try:
+    with safe_open(base, "pt") as f:
+        md = f.metadata()
+    sd = load_file(base)
+    save_file(sd, out, metadata=md)
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+except MemoryError as e:
+    print("MemoryError:", e, file=sys.stderr)
+    sys.exit(75)
+"""
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(paths: list[Path]) -> None:
+    buf = bytearray(16 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, mem_cap: int | None, env=None,
+            log=print) -> Result:
+    res = Result(name)
+    if out.exists():
+        out.unlink()
+    stdout_p, stderr_p = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
+
+    def limit():
+        if mem_cap:
+            resource.setrlimit(resource.RLIMIT_AS, (mem_cap, mem_cap))
+
+    with open(stdout_p, "wb") as so, open(stderr_p, "wb") as se:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=so, stderr=se, cwd=REPO, env=env, preexec_fn=limit)
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        except KeyboardInterrupt:
+            p.kill()
+            os.wait4(p.pid, 0)
+            p.returncode = -9
+            raise
+        res.wall_s = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    p.returncode = rc  # reaped by wait4; keep Popen from trying again
+    res.user_s, res.sys_s = ru.ru_utime, ru.ru_stime
+    res.cpu_s = ru.ru_utime + ru.ru_stime
+    res.peak_rss = ru.ru_maxrss * 1024  # Linux: KiB
+    err = stderr_p.read_text(errors="replace")
+    if rc != 0:
+        sig = -rc if rc < 0 else None
+        oom = sig == signal.SIGKILL or rc == 75 or "MemoryError" in err or "memory allocation" in err.lower() \
+            or "Cannot allocate memory" in err
+        res.status = "did not fit" if (oom and name == "naive") else (f"OOM? rc={rc}" if oom else f"failed rc={rc}")
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        res.note = (lines[-1] if lines else (f"killed by signal {sig}" if sig else ""))[:300]
+    if out.exists():
+        res.output_bytes = out.stat().st_size
+        out.unlink()
+    os.sync()  # flush whatever the job left dirty before the next one starts (untimed)
+    if rc == 0 and name.startswith("merge"):
+        try:
+            rep = json.loads(stdout_p.read_text())
+            res.extra = {"merge_seconds": rep.get("seconds"), "rank": rep.get("rank"),
+                         "expected_output_bytes": rep.get("expected_output_bytes"),
+                         "layers_summary": rep.get("layers_summary")}
+        except (json.JSONDecodeError, OSError):
+            pass
+    log(f"  {name}: {res.status}, {res.wall_s:.1f}s wall, {res.cpu_s:.1f}s CPU, peak RSS {res.peak_rss / 1e9:.2f} GB"
+        + (f" -- {res.note}" if res.note else ""))
+    return res
+
+
+# --------------------------------------------------------------------------------------------- report
+def fmt_gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def render(machine: dict, files: dict, results: list[Result]) -> str:
+    lines = ["machine: " + ", ".join(f"{k}={v}" for k, v in machine.items())]
+    for k, v in files.items():
+        lines.append(f"{k}: {v}")
+    hdr = f"{'job':<11} {'wall s':>8} {'x cp':>6} {'CPU s':>8} {'peak RSS':>10} {'output':>10}  status"
+    lines += ["", hdr, "-" * len(hdr)]
+    for r in results:
+        wall = "-" if r.wall_s is None else f"{r.wall_s:.1f}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        cpu = "-" if r.cpu_s is None else f"{r.cpu_s:.1f}"
+        status = r.status + (f" ({r.note})" if r.note else "")
+        lines.append(f"{r.job:<11} {wall:>8} {ratio:>6} {cpu:>8} {fmt_gb(r.peak_rss):>10} {fmt_gb(r.output_bytes):>10}  {status}")
+    for r in results:
+        ms = r.extra.get("layers_summary", {}) if r.extra else {}
+        if r.extra and r.extra.get("merge_seconds") is not None:
+            lines.append(f"{r.job}: tool-reported streaming time {r.extra['merge_seconds']:.1f}s, rank "
+                         f"{(r.extra.get('rank') or {}).get('from')} -> {(r.extra.get('rank') or {}).get('to')}"
+                         + (f", modulation {ms['modulation']}" if ms and "modulation" in ms else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rank", type=int, choices=(32, 128), default=128, help="SVDQ rank of the base (default 128)")
+    ap.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
+    ap.add_argument("--blocks", type=int, default=60, help="transformer blocks (default 60; e.g. 2 for a smoke run)")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "qwenlora-bench",
+                    help="where generated files are cached and outputs are written (default /tmp/qwenlora-bench)")
+    ap.add_argument("--skip-mod", action="store_true", help="do not run the merge with modulation targets")
+    ap.add_argument("--device", default="cpu", help="--device passed to the merge (cpu|cuda)")
+    ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the load_file/save_file reference (default: only if the base is <= 40%% of RAM)")
+    ap.add_argument("--naive-cap", type=float, default=0.85,
+                    help="RLIMIT_AS of the naive job, as a fraction of physical RAM (default 0.85)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each job (root only)")
+    ap.add_argument("--no-cp-nosync", dest="cp_nosync", action="store_false",
+                    help="do not also time a plain cp without fsync (informational row)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    a = ap.parse_args(argv)
+
+    if a.blocks < 1 or a.lora_rank < 1:
+        ap.error("--blocks and --lora-rank must be positive")
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
+    wd = a.workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    mem = meminfo()
+    ram = mem["MemTotal"]
+
+    base = wd / f"svdq-int4_r{a.rank}-qwen-image-synth-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
+    lora = wd / f"lora-diffusers-r{a.lora_rank}-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
+    out = wd / "out.safetensors"
+    t_base = generate(base, base_specs(a.blocks, a.rank), base_metadata(a.blocks, a.rank), base_tensor, a.seed, log)
+    t_lora = generate(lora, lora_specs(a.blocks, a.lora_rank), {"format": "pt"}, lora_tensor, a.seed + 1, log)
+    base_size, lora_size = base.stat().st_size, lora.stat().st_size
+
+    try:
+        from importlib.metadata import version as _v
+        torch_v = _v("torch")
+    except Exception:  # noqa: BLE001
+        torch_v = torch.__version__
+    dev = a.device
+    if dev.startswith("cuda"):
+        try:
+            dev = f"{a.device} ({torch.cuda.get_device_name(0)})"
+        except Exception as e:  # noqa: BLE001
+            dev = f"{a.device} (unusable: {str(e).splitlines()[0]})"
+    machine = {
+        "cores": os.cpu_count(), "RAM": f"{ram / 2**30:.1f} GiB", "cpu": cpu_model(),
+        "disk_free": f"{shutil.disk_usage(wd).free / 1e9:.0f} GB ({wd})", "python": platform.python_version(),
+        "torch": torch_v, "device": dev,
+    }
+    cache_mode = "cold" if a.cold else "warm"
+    if a.cold and not drop_caches():
+        log("warning: cannot drop the page cache (not root?); running warm")
+        a.cold, cache_mode = False, "warm (drop_caches failed)"
+
+    need = int(base_size * 1.3) + (1 << 30)
+    if shutil.disk_usage(wd).free < need + (2 << 30):
+        log(f"error: need ~{need / 1e9:.0f} GB free in {wd} for the outputs")
+        return 2
+
+    def prep():
+        if a.cold:
+            drop_caches()
+        else:
+            warm([base, lora])
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    merge = [sys.executable, "-m", "converter.cli", str(base), str(lora), "-o", str(out), "-q", "--json",
+             "--device", a.device]
+    jobs: list[tuple[str, list[str], int | None]] = [
+        ("cp", ["sh", "-c", 'cp -- "$1" "$2" && sync -- "$2"', "sh", str(base), str(out)], None)]
+    if a.cp_nosync:
+        jobs.append(("cp-nosync", ["cp", "--", str(base), str(out)], None))
+    jobs.append(("merge-skip", merge + ["--mod", "skip"], None))
+    if not a.skip_mod:
+        jobs.append(("merge-mod", merge, None))
+    results: list[Result] = []
+    log(f"running jobs ({cache_mode} page cache); base {base_size / 1e9:.2f} GB, LoRA {lora_size / 1e9:.2f} GB")
+    for name, argv_, cap in jobs:
+        prep()
+        results.append(run_job(name, argv_, out, wd, mem_cap=cap, env=env, log=log))
+
+    run_naive = a.naive if a.naive is not None else base_size <= 0.4 * ram
+    if run_naive:
+        prep()
+        cap = int(a.naive_cap * ram)
+        r = run_job("naive", [sys.executable, "-c", NAIVE_CODE, str(base), str(out)], out, wd, mem_cap=cap,
+                    env=env, log=log)
+        if r.status == "ok":
+            r.note = f"RLIMIT_AS {cap / 2**30:.1f} GiB"
+        results.append(r)
+    else:
+        results.append(Result("naive", status="skipped", note=f"base {base_size / 1e9:.1f} GB > 40% of RAM "
+                                                              f"({ram / 1e9:.1f} GB); --naive runs it under a cap"))
+
+    cp = next((r for r in results if r.job == "cp" and r.status == "ok"), None)
+    for r in results:
+        if cp and r.wall_s is not None and r.status == "ok":
+            r.ratio = r.wall_s / cp.wall_s
+    files = {
+        "base": f"{base} ({base_size / 1e9:.2f} GB = {base_size / 2**30:.2f} GiB, rank {a.rank}, {a.blocks} blocks)"
+                + (f", generated in {t_base:.0f}s" if t_base else ", cached"),
+        "lora": f"{lora} ({lora_size / 1e9:.2f} GB, rank {a.lora_rank}, {len(LORA_MODULES)} modules x {a.blocks} blocks)",
+        "cache": cache_mode + (" (base+LoRA read once before each job)" if cache_mode == "warm" else
+                               " (drop_caches before each job)"),
+        "rss": "child ru_maxrss from os.wait4",
+    }
+    if a.json:
+        print(json.dumps({"machine": machine, "files": files, "base_bytes": base_size, "lora_bytes": lora_size,
+                          "results": [r.__dict__ for r in results]}, indent=1))
+    else:
+        print()
+        print(render(machine, files, results))
+        ok = {r.job: r for r in results if r.status == "ok"}
+        if "merge-skip" in ok and cp:
+            t = ok["merge-skip"].ratio
+            print(f"\ntarget merge-skip <= 1.3x cp: {'met' if t <= 1.3 else 'MISSED'} ({t:.2f}x)")
+        peak = max((r.peak_rss for r in results if r.job.startswith("merge") and r.peak_rss), default=None)
+        if peak:
+            print(f"target merge peak RSS <= 1.5 GB: {'met' if peak <= 1.5e9 else 'MISSED'} ({peak / 1e9:.2f} GB)")
+        if "merge-mod" in ok:
+            w = ok["merge-mod"].wall_s
+            print(f"target merge-mod <= 300 s: {'met' if w <= 300 else 'MISSED'} ({w:.0f} s wall, "
+                  f"{ok['merge-mod'].cpu_s:.0f} s CPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
