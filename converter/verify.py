@@ -163,8 +163,6 @@ def _dense_layer(p: str, s: Session, base: Checkpoint, merged: Checkpoint) -> di
 
 
 def _modulation_layer(p: str, s: Session, base: Checkpoint, merged: Checkpoint, x_eval: torch.Tensor) -> dict:
-    from . import modulation as M
-
     rec: dict = {"layer": p, "kind": "modulation"}
     splits = by_name(s.model.family).modulation_splits(p)
     op = s.plan.ops.get(p)
@@ -180,6 +178,8 @@ def _modulation_layer(p: str, s: Session, base: Checkpoint, merged: Checkpoint, 
         if not same or not torch.equal(b0, b1):
             probs.append("changed although no LoRA targets it")
     else:
+        from . import modulation as M
+
         dw = interleave_rows(dw, splits)
         db = delta_bias(op, s.loras)
         db = interleave_rows(db, splits) if db is not None else torch.zeros_like(b0)
@@ -211,7 +211,7 @@ def verify(base_path: str, merged_path: str, lora_specs: list[str], *, allow_unm
                 if lay.layout.is_svdq:
                     res.layers.append(_lowrank_layer(p, s, s.base, merged))
                 elif lay.layout == Layout.AWQ_W4A16:
-                    if x_eval is None:
+                    if x_eval is None and p in s.plan.ops:
                         from .pipeline import ModulationContext
 
                         x_eval = ModulationContext(s.base, s.model, "cpu").x_eval

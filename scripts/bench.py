@@ -342,6 +342,15 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def cpu_pressure_us() -> int | None:
+    """PSI 'some' total for the CPU (microseconds), or None where the kernel has no PSI."""
+    try:
+        with open("/proc/pressure/cpu") as fh:
+            return int(fh.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -360,33 +369,55 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
+# A tiny launcher between this (large, torch-importing) process and each job. Linux seeds a process's
+# ru_maxrss at exec() with the RSS of the image it replaces, so a job forked straight from here would report
+# at least this process's RSS (~0.2 GB). The launcher (python -S, ~10 MB) forks and execs the job, waits for it
+# with os.wait4 and reports the job's own rusage: peak RSS values have a floor of the launcher's ~10 MB.
+LAUNCHER = r"""
+import json, os, resource, sys, time
+cap, so, se, argv = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        if cap:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        o = os.open(so, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        e = os.open(se, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(o, 1); os.dup2(e, 2); os.close(o); os.close(e)
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+print(json.dumps({"wall": wall, "rc": os.waitstatus_to_exitcode(status), "utime": ru.ru_utime,
+                  "stime": ru.ru_stime, "maxrss_kib": ru.ru_maxrss}))
+"""
+
+
 def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, mem_cap: int | None, env=None,
             log=print) -> Result:
     res = Result(name)
     if out.exists():
         out.unlink()
     stdout_p, stderr_p = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
-
-    def limit():
-        if mem_cap:
-            resource.setrlimit(resource.RLIMIT_AS, (mem_cap, mem_cap))
-
-    with open(stdout_p, "wb") as so, open(stderr_p, "wb") as se:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=so, stderr=se, cwd=REPO, env=env, preexec_fn=limit)
-        try:
-            _, status, ru = os.wait4(p.pid, 0)
-        except KeyboardInterrupt:
-            p.kill()
-            os.wait4(p.pid, 0)
-            p.returncode = -9
-            raise
-        res.wall_s = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    p.returncode = rc  # reaped by wait4; keep Popen from trying again
-    res.user_s, res.sys_s = ru.ru_utime, ru.ru_stime
-    res.cpu_s = ru.ru_utime + ru.ru_stime
-    res.peak_rss = ru.ru_maxrss * 1024  # Linux: KiB
+    spec = json.dumps([mem_cap, str(stdout_p), str(stderr_p), argv])
+    load0, psi0 = os.getloadavg()[0], cpu_pressure_us()
+    p = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, spec], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"launcher failed: {p.stderr.strip()}")
+    m = json.loads(p.stdout)
+    res.wall_s = m["wall"]
+    psi1 = cpu_pressure_us()
+    res.extra["load1_before"] = load0
+    if psi0 is not None and psi1 is not None and res.wall_s > 0:
+        # share of the job's wall time in which some runnable task on the machine waited for a CPU
+        res.extra["cpu_pressure"] = round((psi1 - psi0) / 1e6 / res.wall_s, 3)
+    rc = m["rc"]
+    res.user_s, res.sys_s = m["utime"], m["stime"]
+    res.cpu_s = res.user_s + res.sys_s
+    res.peak_rss = m["maxrss_kib"] * 1024  # Linux: KiB
     err = stderr_p.read_text(errors="replace")
     if rc != 0:
         sig = -rc if rc < 0 else None
@@ -395,6 +426,8 @@ def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, mem_cap: in
         res.status = "did not fit" if (oom and name == "naive") else (f"OOM? rc={rc}" if oom else f"failed rc={rc}")
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         res.note = (lines[-1] if lines else (f"killed by signal {sig}" if sig else ""))[:300]
+        if "cannot import name 'modulation'" in err or "No module named 'converter.modulation'" in err:
+            res.status, res.note = "not available", "converter/modulation.py does not exist yet"
     if out.exists():
         res.output_bytes = out.stat().st_size
         out.unlink()
@@ -402,7 +435,7 @@ def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, mem_cap: in
     if rc == 0 and name.startswith("merge"):
         try:
             rep = json.loads(stdout_p.read_text())
-            res.extra = {"merge_seconds": rep.get("seconds"), "rank": rep.get("rank"),
+            res.extra |= {"merge_seconds": rep.get("seconds"), "rank": rep.get("rank"),
                          "expected_output_bytes": rep.get("expected_output_bytes"),
                          "layers_summary": rep.get("layers_summary")}
         except (json.JSONDecodeError, OSError):
@@ -421,14 +454,22 @@ def render(machine: dict, files: dict, results: list[Result]) -> str:
     lines = ["machine: " + ", ".join(f"{k}={v}" for k, v in machine.items())]
     for k, v in files.items():
         lines.append(f"{k}: {v}")
-    hdr = f"{'job':<11} {'wall s':>8} {'x cp':>6} {'CPU s':>8} {'peak RSS':>10} {'output':>10}  status"
+    hdr = (f"{'job':<11} {'wall s':>8} {'x cp':>6} {'CPU s':>8} {'peak RSS':>10} {'output':>10} {'load1':>6} "
+           f"{'cpu-psi':>7}  status")
     lines += ["", hdr, "-" * len(hdr)]
     for r in results:
         wall = "-" if r.wall_s is None else f"{r.wall_s:.1f}"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
         cpu = "-" if r.cpu_s is None else f"{r.cpu_s:.1f}"
         status = r.status + (f" ({r.note})" if r.note else "")
-        lines.append(f"{r.job:<11} {wall:>8} {ratio:>6} {cpu:>8} {fmt_gb(r.peak_rss):>10} {fmt_gb(r.output_bytes):>10}  {status}")
+        load = r.extra.get("load1_before")
+        psi = r.extra.get("cpu_pressure")
+        load = "-" if load is None else f"{load:.1f}"
+        psi = "-" if psi is None else f"{psi * 100:.0f}%"
+        lines.append(f"{r.job:<11} {wall:>8} {ratio:>6} {cpu:>8} {fmt_gb(r.peak_rss):>10} {fmt_gb(r.output_bytes):>10} "
+                     f"{load:>6} {psi:>7}  {status}")
+    lines.append("load1 = 1-min load average when the job started; cpu-psi = share of the job's wall time in which "
+                 "some task waited for a CPU (/proc/pressure/cpu): high values mean other work shared the cores")
     for r in results:
         ms = r.extra.get("layers_summary", {}) if r.extra else {}
         if r.extra and r.extra.get("merge_seconds") is not None:
@@ -456,6 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cp-nosync", dest="cp_nosync", action="store_false",
                     help="do not also time a plain cp without fsync (informational row)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--generate-only", action="store_true", help="only generate (or check) the cached files")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     a = ap.parse_args(argv)
 
@@ -473,6 +515,9 @@ def main(argv=None) -> int:
     t_base = generate(base, base_specs(a.blocks, a.rank), base_metadata(a.blocks, a.rank), base_tensor, a.seed, log)
     t_lora = generate(lora, lora_specs(a.blocks, a.lora_rank), {"format": "pt"}, lora_tensor, a.seed + 1, log)
     base_size, lora_size = base.stat().st_size, lora.stat().st_size
+    if a.generate_only:
+        log(f"base {base} ({base_size / 1e9:.2f} GB), LoRA {lora} ({lora_size / 1e9:.2f} GB)")
+        return 0
 
     try:
         from importlib.metadata import version as _v
@@ -488,7 +533,7 @@ def main(argv=None) -> int:
     machine = {
         "cores": os.cpu_count(), "RAM": f"{ram / 2**30:.1f} GiB", "cpu": cpu_model(),
         "disk_free": f"{shutil.disk_usage(wd).free / 1e9:.0f} GB ({wd})", "python": platform.python_version(),
-        "torch": torch_v, "device": dev,
+        "torch": torch_v, "device": dev, "load1": f"{os.getloadavg()[0]:.1f}",
     }
     cache_mode = "cold" if a.cold else "warm"
     if a.cold and not drop_caches():
@@ -545,7 +590,7 @@ def main(argv=None) -> int:
         "lora": f"{lora} ({lora_size / 1e9:.2f} GB, rank {a.lora_rank}, {len(LORA_MODULES)} modules x {a.blocks} blocks)",
         "cache": cache_mode + (" (base+LoRA read once before each job)" if cache_mode == "warm" else
                                " (drop_caches before each job)"),
-        "rss": "child ru_maxrss from os.wait4",
+        "rss": "ru_maxrss of the job from os.wait4 in a ~10 MB launcher (Linux seeds it at exec)",
     }
     if a.json:
         print(json.dumps({"machine": machine, "files": files, "base_bytes": base_size, "lora_bytes": lora_size,

@@ -13,6 +13,7 @@ build_zimage_checkpoint(path, *, layers=2, dim=384, rank=32, precision="int4", s
 
 Both write ``path`` (a .safetensors file) and return a "truth" dict, see ``_new_truth`` below:
 
+truth["path"]          str path written
 truth["family"]        "qwen" | "zimage"
 truth["precision"]     "int4" | "nvfp4"
 truth["rank"]          rank written in the metadata and used by every SVDQ layer
@@ -51,6 +52,15 @@ truth["dense"]         {key: bf16 tensor} every bf16 parameter outside the quant
 truth["lora_targets"]  {canonical diffusers module: (out, in)} shapes to feed random_lora_modules
 truth["target_map"]    {canonical module: (checkpoint module, row_start, row_stop)} where a LoRA on the
                        canonical module lands (rows in logical/diffusers order of the checkpoint module)
+Qwen also: "dim", "text_dim", "blocks", "fused_smooth" (sorted list of SVDQ modules with ones/orig=s).
+Z-Image also: "dim", "layers", "ffn_dim", "skip_refiners", "cap_feat_dim".
+
+Helpers: quantization_config(precision, rank, **extra) -> dict, qwen_config(blocks, dim, text_dim) -> dict,
+zimage_config(layers, dim, cap_feat_dim) -> dict, zimage_ffn_dim(dim) -> int, E2M1_VALUES (code -> value).
+
+Builds run single-threaded (restored afterwards): the tensors are small and intra-op threads only add
+overhead. nvfp4 builds swap deepcompressor's fp_quantize for an equivalent bucketize (FAST_FP_QUANTIZE;
+tests/test_fixtures.py proves the bytes are identical with it off).
 """
 
 from __future__ import annotations
@@ -75,6 +85,9 @@ __all__ = [
     "build_qwen_checkpoint",
     "build_zimage_checkpoint",
     "quantization_config",
+    "qwen_config",
+    "zimage_config",
+    "zimage_ffn_dim",
     "E2M1_VALUES",
 ]
 
@@ -481,8 +494,8 @@ def build_qwen_checkpoint(
     """
     _check_precision(precision)
     _check_rank(rank)
-    if dim % HEAD_DIM or text_dim % 64:
-        raise ValueError("dim must be a multiple of 128 (and text_dim of 64)")
+    if dim % HEAD_DIM:
+        raise ValueError(f"dim must be a multiple of {HEAD_DIM} (heads are {HEAD_DIM} wide), got {dim}")
     fused_smooth = set(fused_smooth)
     g = _gen(seed)
     sd: dict[str, torch.Tensor] = {}
@@ -526,6 +539,8 @@ def build_qwen_checkpoint(
             if fuse_out:
                 row_scale[2 * D :] = 1.0 / s_out.float()
             target = w.float() * row_scale[:, None]
+            if module in fused_smooth:  # only marked: its runtime input is x/s
+                target = target * s.float()[None, :]
             b_st = (b.float() * row_scale).to(BF16)
             info = _svdq_layer(
                 g, module, target, b_st, s, fused=module in fused_smooth, rank=rank, precision=precision, sd=sd
@@ -552,7 +567,7 @@ def build_qwen_checkpoint(
             b = _bias(g, out_f)
             is_out = module in known
             fused = (is_out and fuse_out) or module in fused_smooth
-            s = s_out if is_out else _smooth(g, in_f)
+            s = s_out if (is_out and fuse_out) else _smooth(g, in_f)
             target = w.float() * s.float()[None, :] if fused else w.float()
             info = _svdq_layer(g, module, target, b, s, fused=fused, rank=rank, precision=precision, sd=sd)
             w_deq = info["w_eff"] / s.float()[None, :] if fused else info["w_eff"]
@@ -574,6 +589,9 @@ def build_qwen_checkpoint(
         "model_class": "NunchakuQwenImageTransformer2DModel",
         "quantization_config": json.dumps(quantization_config(precision, rank)),
     }
+    unknown = fused_smooth - set(truth["svdq"])
+    if unknown:
+        raise ValueError(f"fused_smooth names no SVDQ layer of this checkpoint: {sorted(unknown)}")
     truth["fused_smooth"] = sorted(m for m, v in truth["svdq"].items() if v["fused_smooth"])
     return _finish(path, sd, metadata, truth)
 

@@ -317,6 +317,8 @@ def test_svdq_truth_decodes(fixture, request):
     sd = truth["state_dict"]
     nvfp4 = truth["precision"] == "nvfp4"
     for module, info in truth["svdq"].items():
+        if module.startswith(("layers.1.", "noise_refiner.1.", "context_refiner.0.")):
+            continue  # same shapes as layers.0 / the other refiner: keep the test quick
         t = _layer_keys(sd, module)
         o, i = info["weight"].shape
         q = _unpack_qweight(t["qweight"], signed=not nvfp4)
