@@ -144,13 +144,16 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
 
 
 def dense_record(w_old: torch.Tensor, w_new: torch.Tensor, dw: torch.Tensor) -> dict:
+    """Error of the stored change against ΔW, next to the floor that storing W+ΔW in its dtype imposes."""
     got = w_new.double() - w_old.double()
     dw = dw.double()
     ref2 = float((dw * dw).sum())
     if ref2 == 0:
-        return {"rel_error": 0.0, "applied_fraction": 1.0, "delta_norm": 0.0}
-    return {"rel_error": float((got - dw).norm()) / ref2 ** 0.5, "applied_fraction": float((got * dw).sum()) / ref2,
-            "delta_norm": ref2 ** 0.5}
+        return {"rel_error": 0.0, "rounding_floor": 0.0, "applied_fraction": 1.0, "delta_norm": 0.0}
+    ideal = w_old.double() + dw
+    floor = float((ideal.to(w_old.dtype).double() - ideal).norm()) / ref2 ** 0.5
+    return {"rel_error": float((got - dw).norm()) / ref2 ** 0.5, "rounding_floor": floor,
+            "applied_fraction": float((got * dw).sum()) / ref2, "delta_norm": ref2 ** 0.5}
 
 
 def apply_dense(op: LayerOp, base: Checkpoint, loras: list[LoraFile], device: str = "cpu"

@@ -22,6 +22,15 @@ def pattern(name: str) -> str:
     return re.sub(r"(?<=[._])\d+(?=[._]|$)", "*", name)
 
 
+_PART = re.compile(r"\.(lora_[AB](\.[^.]+)?\.weight|lora_(down|up)(\.[^.]+)?\.weight|lora\.(down|up)\.weight|alpha|"
+                   r"lora_alpha|diff|diff_b)$")
+
+
+def module_pattern(key: str) -> str:
+    """Key pattern without its LoRA part suffix: one line per module pattern in listings."""
+    return pattern(_PART.sub(".*", key))
+
+
 def lowrank_bytes_per_rank(plan: Plan) -> int:
     item = 2
     return sum((l.in_features + l.out_features) * item for p, l in plan.model.layers.items() if l.layout.is_svdq)
@@ -78,6 +87,9 @@ def summarize_layers(records: list[dict]) -> dict:
             e = [r["rel_error"] for r in rs if "rel_error" in r]
             out[meth] = {"layers": len(rs), "rel_error_max": max(e) if e else None,
                          "rel_error_median": statistics.median(e) if e else None}
+            fl = [r["rel_error"] / r["rounding_floor"] for r in rs if r.get("rounding_floor")]
+            if fl:
+                out[meth]["max_over_rounding_floor"] = max(fl)
             fr = [r["applied_fraction"] for r in rs if "applied_fraction" in r]
             if fr:
                 out[meth]["applied_fraction_min"] = min(fr)
@@ -95,10 +107,10 @@ def render(rep: dict, verbose: bool = False) -> str:
         lines.append(f"         keys {k['total']}: applied {k['applied']}, ignored {k['ignored']}, unmapped {k['unmapped']}")
         for what, rows, field in (("ignored", l["ignored"], "rule"), ("unmapped", l["unmapped"], "reason")):
             if rows:
-                c = Counter(f"{pattern(r['key'])}  ({r[field]})" for r in rows)
+                c = Counter(f"{module_pattern(r['key'])}  ({r[field]})" for r in rows)
                 shown = c.most_common(None if verbose else 6)
                 for p, n in shown:
-                    lines.append(f"         {what}: {p} x{n}")
+                    lines.append(f"         {what}: {p}  {n} keys")
                 if len(c) > len(shown):
                     lines.append(f"         ... {len(c) - len(shown)} more {what} patterns (-v or --json lists all)")
     r = rep["rank"]
@@ -128,8 +140,10 @@ def render(rep: dict, verbose: bool = False) -> str:
                              if em is not None else f"fidelity modulation x{d['layers']} ({acts})")
             elif d.get("rel_error_max") is not None:
                 extra = ""
+                if "max_over_rounding_floor" in d:
+                    extra += f" ({d['max_over_rounding_floor']:.2f}x the 16-bit rounding floor)"
                 if "applied_fraction_min" in d:
-                    extra = f", applied fraction {d['applied_fraction_min']:.4f}..{d['applied_fraction_max']:.4f}"
+                    extra += f", applied fraction {d['applied_fraction_min']:.4f}..{d['applied_fraction_max']:.4f}"
                 lines.append(f"fidelity {meth} x{d['layers']}: rel. error max {d['rel_error_max']:.2e}{extra}")
     for w in rep.get("warnings", []):
         lines.append(f"warning  {w}")
