@@ -9,8 +9,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv --system-site-packages .venv
 fi
 VPY="$ROOT/.venv/bin/python"
+pipq() {  # quiet pip: its log is shown only when it fails
+  "$VPY" -m pip install -q --disable-pip-version-check "$@" >"$ROOT/.venv/pip.log" 2>&1 || { cat "$ROOT/.venv/pip.log" >&2; return 1; }
+}
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  "$VPY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  pipq "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$VPY" -m pip install -q --no-build-isolation -e . 2>/dev/null || "$VPY" -m pip install -q -e .
+pipq --no-build-isolation -e . || pipq -e .
 export PATH="$ROOT/.venv/bin:$PATH"

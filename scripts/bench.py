@@ -21,9 +21,9 @@ What it does
      cp          `cp BASE OUT && sync OUT` (the copy is fsync'ed, as the merge fsyncs its output)
      merge-skip  `python -m converter.cli BASE LORA -o OUT --mod skip`
      merge-mod   `python -m converter.cli BASE LORA -o OUT` (default --mod calibrated)
-     naive       safetensors.torch.load_file(BASE) + save_file(OUT) (+ fsync), run last, under an
-                 RLIMIT_AS cap; skipped by default when the base is larger than 40 % of RAM (--naive forces
-                 it: it then prints "did not fit" if it runs out of memory under the cap).
+     naive       safetensors.torch.load_file(BASE) + save_file(OUT) (+ fsync), run last, under a memory
+                 watchdog (see LAUNCHER); skipped by default when the base is larger than 40 % of RAM
+                 (--naive forces it: it then prints "did not fit" if it runs out of memory or is stopped).
    Wall time is measured around the child; CPU time and peak RSS come from the child's own rusage,
    returned by os.wait4() (ru_maxrss: the high-water mark of its resident set, including the children it
    waited for, e.g. cp under sh; file-backed mmap pages count, page-cache pages read with pread do not).
@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -373,35 +372,68 @@ def warm(paths: list[Path]) -> None:
 # ru_maxrss at exec() with the RSS of the image it replaces, so a job forked straight from here would report
 # at least this process's RSS (~0.2 GB). The launcher (python -S, ~10 MB) forks and execs the job, waits for it
 # with os.wait4 and reports the job's own rusage: peak RSS values have a floor of the launcher's ~10 MB.
+# It also polls the job every 50 ms as a memory watchdog: it kills the job when its anonymous memory
+# (RssAnon) passes `anon_cap`, or when the machine's MemAvailable falls below 3 % of RAM, so that a job that
+# does not fit is stopped before the kernel's OOM killer picks some other process. (An RLIMIT_AS cap is no use
+# for the naive job: safetensors 0.8 load_file maps the file lazily, so its address space is ~2x the file
+# while almost all of its resident memory is reclaimable page cache.)
 LAUNCHER = r"""
-import json, os, resource, sys, time
-cap, so, se, argv = json.loads(sys.argv[1])
+import json, os, signal, sys, time
+anon_cap, so, se, argv = json.loads(sys.argv[1])
+def kib(path, key):
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+floor = kib("/proc/meminfo", "MemTotal:") * 1024 * 0.03
 t0 = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     try:
-        if cap:
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         o = os.open(so, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         e = os.open(se, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(o, 1); os.dup2(e, 2); os.close(o); os.close(e)
         os.execvp(argv[0], argv)
     finally:
         os._exit(127)
-_, status, ru = os.wait4(pid, 0)
+killed, anon_peak = None, 0
+while True:
+    got, status, ru = os.wait4(pid, os.WNOHANG)
+    if got:
+        break
+    anon = kib(f"/proc/{pid}/status", "RssAnon:")
+    avail = kib("/proc/meminfo", "MemAvailable:")
+    if anon is not None:
+        anon_peak = max(anon_peak, anon * 1024)
+    if killed is None and anon_cap and anon is not None and anon * 1024 > anon_cap:
+        killed = f"anonymous memory passed {anon_cap / 2**30:.1f} GiB"
+    elif killed is None and avail is not None and avail * 1024 < floor:
+        killed = f"MemAvailable fell below {floor / 2**30:.1f} GiB"
+    if killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, status, ru = os.wait4(pid, 0)
+        break
+    time.sleep(0.05)
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "rc": os.waitstatus_to_exitcode(status), "utime": ru.ru_utime,
-                  "stime": ru.ru_stime, "maxrss_kib": ru.ru_maxrss}))
+                  "stime": ru.ru_stime, "maxrss_kib": ru.ru_maxrss, "anon_peak": anon_peak, "killed": killed}))
 """
 
 
-def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, mem_cap: int | None, env=None,
+def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, anon_cap: int | None, env=None,
             log=print) -> Result:
     res = Result(name)
     if out.exists():
         out.unlink()
     stdout_p, stderr_p = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
-    spec = json.dumps([mem_cap, str(stdout_p), str(stderr_p), argv])
+    spec = json.dumps([anon_cap, str(stdout_p), str(stderr_p), argv])
     load0, psi0 = os.getloadavg()[0], cpu_pressure_us()
     p = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, spec], cwd=REPO, env=env, capture_output=True,
                        text=True)
@@ -418,14 +450,17 @@ def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, mem_cap: in
     res.user_s, res.sys_s = m["utime"], m["stime"]
     res.cpu_s = res.user_s + res.sys_s
     res.peak_rss = m["maxrss_kib"] * 1024  # Linux: KiB
+    res.extra["anon_peak_polled"] = m["anon_peak"]
     err = stderr_p.read_text(errors="replace")
     if rc != 0:
         sig = -rc if rc < 0 else None
-        oom = sig == signal.SIGKILL or rc == 75 or "MemoryError" in err or "memory allocation" in err.lower() \
+        oom = m["killed"] is not None or sig == signal.SIGKILL or rc == 75 or "MemoryError" in err or "memory allocation" in err.lower() \
             or "Cannot allocate memory" in err
         res.status = "did not fit" if (oom and name == "naive") else (f"OOM? rc={rc}" if oom else f"failed rc={rc}")
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         res.note = (lines[-1] if lines else (f"killed by signal {sig}" if sig else ""))[:300]
+        if m["killed"]:
+            res.note = f"stopped by the watchdog: {m['killed']}"
         if "cannot import name 'modulation'" in err or "No module named 'converter.modulation'" in err:
             res.status, res.note = "not available", "converter/modulation.py does not exist yet"
     if out.exists():
@@ -491,8 +526,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="--device passed to the merge (cpu|cuda)")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
                     help="run the load_file/save_file reference (default: only if the base is <= 40%% of RAM)")
-    ap.add_argument("--naive-cap", type=float, default=0.85,
-                    help="RLIMIT_AS of the naive job, as a fraction of physical RAM (default 0.85)")
+    ap.add_argument("--naive-cap", type=float, default=0.75,
+                    help="watchdog cap on the naive job's anonymous memory, as a fraction of RAM (default 0.75)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each job (root only)")
     ap.add_argument("--no-cp-nosync", dest="cp_nosync", action="store_false",
                     help="do not also time a plain cp without fsync (informational row)")
@@ -565,16 +600,16 @@ def main(argv=None) -> int:
     log(f"running jobs ({cache_mode} page cache); base {base_size / 1e9:.2f} GB, LoRA {lora_size / 1e9:.2f} GB")
     for name, argv_, cap in jobs:
         prep()
-        results.append(run_job(name, argv_, out, wd, mem_cap=cap, env=env, log=log))
+        results.append(run_job(name, argv_, out, wd, anon_cap=cap, env=env, log=log))
 
     run_naive = a.naive if a.naive is not None else base_size <= 0.4 * ram
     if run_naive:
         prep()
         cap = int(a.naive_cap * ram)
-        r = run_job("naive", [sys.executable, "-c", NAIVE_CODE, str(base), str(out)], out, wd, mem_cap=cap,
+        r = run_job("naive", [sys.executable, "-c", NAIVE_CODE, str(base), str(out)], out, wd, anon_cap=cap,
                     env=env, log=log)
         if r.status == "ok":
-            r.note = f"RLIMIT_AS {cap / 2**30:.1f} GiB"
+            r.note = f"peak anon {r.extra['anon_peak_polled'] / 1e9:.2f} GB, watchdog cap {cap / 2**30:.1f} GiB"
         results.append(r)
     else:
         results.append(Result("naive", status="skipped", note=f"base {base_size / 1e9:.1f} GB > 40% of RAM "

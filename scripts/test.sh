@@ -2,7 +2,6 @@
 # Install the package and the test-only oracle (deepcompressor-toolkit, whose declared dependencies do not
 # resolve: --no-deps is required), then run the test suite.
 source "$(dirname "$0")/_env.sh"
-"$VPY" -m pip install -q "pytest>=7"
-"$VPY" -c "import deepcompressor.backend.nunchaku.utils" >/dev/null 2>&1 || \
-  "$VPY" -m pip install -q --no-deps deepcompressor-toolkit==0.1.0
+"$VPY" -c "import pytest" >/dev/null 2>&1 || pipq "pytest>=7"
+"$VPY" -c "import deepcompressor.backend.nunchaku.utils" >/dev/null 2>&1 || pipq --no-deps deepcompressor-toolkit==0.1.0
 exec "$VPY" -m pytest -q "$@"
