@@ -11,7 +11,7 @@ import torch
 
 from mappings import by_name
 
-from .apply import delta_bias, delta_weight, lowrank_error, lowrank_factors
+from .apply import Factors, delta_bias, delta_weight, lowrank_error, lowrank_factors
 from .codecs.awq_w4a16 import dequantize as awq_dequantize
 from .codecs.lowrank import LowRankDown, LowRankUp
 from .codecs.svdq_scales import PackedVector
@@ -113,7 +113,13 @@ def _lowrank_layer(p: str, s: Session, base: Checkpoint, merged: Checkpoint) -> 
         if not same or bool((u1[:, r0:] @ d1[r0:]).abs().max() > 0 if d1.shape[0] > r0 else False):
             probs.append("low-rank branch changed although no LoRA targets this layer")
     else:
-        err, _ = lowrank_error(u1, d1, u0, d0, f)
+        r0 = d0.shape[0]
+        if d1.shape[0] >= r0 and torch.equal(d1[:r0], d0) and torch.equal(u1[:, :r0], u0):
+            err, _ = lowrank_error(u1[:, r0:], d1[r0:], f)
+        else:  # the base part itself moved: compare whole branches
+            both = Factors(torch.cat([d0, f.down], 0), torch.cat([u0, f.up], 1))
+            err, _ = lowrank_error(u1, d1, both)
+            probs.append("the base low-rank branch was altered")
         rec["rel_error"] = err
         if err > LOWRANK_TOL:
             probs.append(f"low-rank error {err:.3g} > {LOWRANK_TOL}")
