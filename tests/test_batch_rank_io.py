@@ -212,3 +212,14 @@ def test_verify_catches_swapped_w1_w3(tmp_path):
     run("verify", zb, out, tmp_path / "swapped.safetensors", "-q")
     res = run("verify", zb, out, tmp_path / "good.safetensors", ok=False)
     assert res.exit_code == 4 and "feed_forward.net.0.proj" in res.stdout
+
+
+def test_verify_plot(qwen, tmp_path):
+    pytest.importorskip("matplotlib")  # optional dependency; scripts/test.sh installs it
+    base, truth = qwen
+    _loras(truth, tmp_path)
+    out = tmp_path / "m.safetensors"
+    run(base, tmp_path / "a.safetensors", "-o", out, "-q", "--mod", "skip")
+    png = tmp_path / "fid.png"
+    run("verify", base, out, tmp_path / "a.safetensors", "--plot", png, "-q")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
