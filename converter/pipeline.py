@@ -12,7 +12,7 @@ import torch
 from mappings import by_name
 
 from . import __version__
-from .apply import apply_dense, apply_lowrank, delta_bias, delta_weight
+from .apply import apply_dense, apply_lowrank, delta_bias, lowrank_factors
 from .codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
 from .errors import MergeError
 from .lora import LoraFile, open_lora
@@ -92,7 +92,14 @@ class ModulationContext:
         self.device = device
         self.x_calib = M.modulation_inputs(w1, b1, w2, b2, M.calibration_sigmas(), addition_t_embedding=add)
         self.x_eval = M.modulation_inputs(w1, b1, w2, b2, M.evaluation_sigmas(), addition_t_embedding=add)
-        self.calibration = M.ModulationCalibration(self.x_calib, device=device) if hasattr(M, "ModulationCalibration") else None
+        self._calibration = None
+
+    @property
+    def calibration(self):
+        """Everything that depends on the calibration inputs alone: built once, shared by every layer."""
+        if self._calibration is None:
+            self._calibration = self.M.ModulationCalibration.build(self.x_calib, device=self.device)
+        return self._calibration
 
 
 def interleave_rows(t: torch.Tensor, splits: int | None) -> torch.Tensor:
@@ -105,6 +112,8 @@ def interleave_rows(t: torch.Tensor, splits: int | None) -> torch.Tensor:
 
 def apply_modulation(op: LayerOp, base: Checkpoint, loras: list[LoraFile], ctx: ModulationContext, splits: int | None,
                      mode: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """AWQ W4A16 modulation layer: the LoRA's rows permuted into Nunchaku's interleave, then requantized
+    (converter.modulation); whatever is written is never worse than the base layer on held-out timesteps."""
     lay = op.layer
     qw, ws, wz = base.get(lay.key("qweight")), base.get(lay.key("wscales")), base.get(lay.key("wzeros"))
     ng = lay.in_features // GROUP
@@ -112,19 +121,21 @@ def apply_modulation(op: LayerOp, base: Checkpoint, loras: list[LoraFile], ctx: 
     scales = AwqGroupParams.unpack(ws[:ng]).float()
     zeros = AwqGroupParams.unpack(wz[:ng]).float()
     bias = base.get(lay.key("bias")).float() if lay.has_bias else torch.zeros(lay.out_features)
-    dw = interleave_rows(delta_weight(op, loras, "cpu"), splits)
+    f = lowrank_factors(op, loras)
+    if any(c.kind == "diff" for c in op.contributions):
+        raise MergeError(f"full-weight delta on the 4-bit layer {lay.prefix}")  # the planner rejects these
+    delta_w = (interleave_rows(f.up, splits), f.down) if f is not None else None
     db = delta_bias(op, loras)
     db = interleave_rows(db, splits) if db is not None else None
     if db is not None and not lay.has_bias:
         raise MergeError(f"bias delta for {lay.prefix}, which has no bias")
-    kw = {"mode": "plain" if mode == "requant" else mode, "group_size": GROUP, "device": ctx.device}
-    if ctx.calibration is not None:
-        kw["calibration"] = ctx.calibration
-    res = ctx.M.merge_modulation(codes, scales, zeros, bias, dw, db, ctx.x_calib, ctx.x_eval, **kw)
-    rec = {k: getattr(res, k) for k in ("action", "e_mod", "e_plain", "e_biasfold", "e_skip") if hasattr(res, k)}
-    for extra in ("codes_changed",):
-        if hasattr(res, extra):
-            rec[extra] = getattr(res, extra)
+    if delta_w is None:  # a bias-only delta: an exact bias update
+        delta_w = (torch.zeros(lay.out_features, 1), torch.zeros(1, lay.in_features))
+    res = ctx.M.merge_modulation(codes, scales, zeros, bias, delta_w, db, ctx.calibration, ctx.x_eval,
+                                 mode="plain" if mode == "requant" else mode, group_size=GROUP, device=ctx.device)
+    rec = {"action": res.action, "e_mod": res.e_written, "e_method": res.e_mod, "e_biasfold": res.e_biasfold,
+           "e_biasfold_ideal": res.e_biasfold_ideal, "e_skip": res.e_skip, "e_plain": res.e_plain,
+           "codes_changed": res.codes_changed, "zeros_changed": res.zeros_changed, "bias_changed": res.bias_changed}
     if res.action == "skip":
         return {}, rec
     out = {lay.key("qweight"): AwqQWeight.pack(res.codes)}
@@ -133,8 +144,7 @@ def apply_modulation(op: LayerOp, base: Checkpoint, loras: list[LoraFile], ctx: 
     new_wz[:ng] = AwqGroupParams.pack(res.zeros).to(wz.dtype)
     out[lay.key("wscales")], out[lay.key("wzeros")] = new_ws, new_wz
     if lay.has_bias:
-        b = base.get(lay.key("bias"))
-        out[lay.key("bias")] = res.bias.to(b.dtype)
+        out[lay.key("bias")] = res.bias.to(base.tensors[lay.key("bias")].torch_dtype)
     for k, t in out.items():
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
             raise MergeError(f"modulation merge produced non-finite values in {k}")

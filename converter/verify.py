@@ -189,7 +189,9 @@ def _modulation_layer(p: str, s: Session, base: Checkpoint, merged: Checkpoint, 
         dw = interleave_rows(dw, splits)
         db = delta_bias(op, s.loras)
         db = interleave_rows(db, splits) if db is not None else torch.zeros_like(b0)
-        e = M.e_mod(w1, b1, w0 + dw, b0 + db, w0, b0, x_eval)
+        y_ideal_minus_base = dw @ x_eval.T + db[:, None]
+        y_new_minus_base = (w1 - w0) @ x_eval.T + (b1 - b0)[:, None]
+        e = M.e_mod(y_new_minus_base - y_ideal_minus_base, y_ideal_minus_base)
         rec["e_mod"] = e
         rec["kept_base"] = bool(torch.equal(w0, w1) and torch.equal(b0, b1))
         if e > MOD_TOL + 1e-6:

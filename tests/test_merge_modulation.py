@@ -1,0 +1,145 @@
+"""Modulation layers end to end: interleave, calibrated requantization through the CLI, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from builders import build_qwen_checkpoint
+from checks import check_merged, expected_deltas
+from loader_emulation import check_loadable
+from lora_builders import random_lora_modules, write_lora
+
+from converter.cli import main
+from converter.modulation import evaluation_sigmas, modulation_inputs
+from converter.reference import awq_forward, layer_tensors
+from converter.st_io import Checkpoint
+
+D = 256
+MODS = ("transformer_blocks.0.img_mod.1", "transformer_blocks.0.txt_mod.1", "transformer_blocks.1.img_mod.1")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    p = tmp_path_factory.mktemp("qm") / "base.safetensors"
+    return str(p), build_qwen_checkpoint(p, blocks=2, dim=D, rank=32)
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def held_out_inputs(path) -> torch.Tensor:
+    """x(σ) on held-out σ, computed from the checkpoint's timestep embedder."""
+    with Checkpoint(path) as c:
+        t = [c.get(f"time_text_embed.timestep_embedder.linear_{i}.{p}") for i in (1, 2) for p in ("weight", "bias")]
+    return modulation_inputs(*t, evaluation_sigmas())
+
+
+def effect_error(base, out, module, dw_diffusers, x) -> float:
+    """||ΔY_merged − x·ΔWᵀ|| / ||x·ΔWᵀ|| with the layers' outputs de-interleaved into diffusers order, the way
+    Nunchaku's Qwen block reads them: independent of the converter's own permutation."""
+    with Checkpoint(base) as b, Checkpoint(out) as m:
+        yb = awq_forward(layer_tensors(b, module), x, splits=6)
+        ym = awq_forward(layer_tensors(m, module), x, splits=6)
+    want = x @ dw_diffusers.T
+    return float((ym - yb - want).norm() / want.norm())
+
+
+@pytest.fixture(scope="module")
+def merged(qwen, tmp_path_factory):
+    base, truth = qwen
+    d = tmp_path_factory.mktemp("qmm")
+    mods = random_lora_modules({m: (6 * D, D) for m in MODS}, rank=16, seed=7, scale=0.08)
+    mods |= random_lora_modules({"transformer_blocks.0.attn.to_q": (D, D)}, rank=8, seed=8)
+    lp = d / "mod.safetensors"
+    write_lora(lp, mods, "comfy")
+    out = d / "out.safetensors"
+    rep = json.loads(run(base, lp, "-o", out, "--json").stdout)
+    return base, truth, mods, lp, out, rep
+
+
+def test_modulation_rows_are_interleaved(merged):
+    """The LoRA's effect is visible in diffusers order after Nunchaku's de-interleave; a dropped permutation
+    would scramble shift/scale/gate and give an error above 1."""
+    base, truth, mods, lp, out, rep = merged
+    x = held_out_inputs(base)
+    dws = expected_deltas([(mods, 1.0)], truth["target_map"])
+    errs = [effect_error(base, out, m, dws[m], x) for m in MODS]
+    assert max(errs) < 0.95, errs
+    # the same layer read without the de-interleave is not the LoRA's effect
+    with Checkpoint(base) as b, Checkpoint(out) as m:
+        t0, t1 = layer_tensors(b, MODS[0]), layer_tensors(m, MODS[0])
+        dy = awq_forward(t1, x) - awq_forward(t0, x)
+    want = x @ dws[MODS[0]].T
+    assert float((dy - want).norm() / want.norm()) > 1.0
+
+
+def test_report_figures_match_independent_check(merged):
+    base, truth, mods, lp, out, rep = merged
+    layers = {l["layer"]: l for l in rep["layers"] if l["method"] == "modulation"}
+    assert set(layers) == set(MODS)
+    x = held_out_inputs(base)
+    dws = expected_deltas([(mods, 1.0)], truth["target_map"])
+    for m, l in layers.items():
+        assert l["action"] in ("calibrated", "biasfold", "skip")
+        assert l["e_mod"] <= 1.0 and l["e_mod"] <= l["e_biasfold"] + 1e-9
+        assert abs(effect_error(base, out, m, dws[m], x) - l["e_mod"]) < 2e-2
+    s = rep["layers_summary"]["modulation"]
+    assert s["layers"] == 3 and s["e_mod_max"] <= 1.0
+    check_merged(base, out, truth, {k: v for k, v in dws.items() if "_mod." not in k})
+    check_loadable(out)
+
+
+def test_calibrated_beats_plain_requant(merged, tmp_path):
+    base, truth, mods, lp, out, rep = merged
+    x = held_out_inputs(base)
+    dws = expected_deltas([(mods, 1.0)], truth["target_map"])
+    plain = tmp_path / "plain.safetensors"
+    rp = json.loads(run(base, lp, "-o", plain, "--json", "--mod", "requant").stdout)
+    for l in rp["layers"]:
+        if l["method"] == "modulation":
+            assert l["e_plain"] > 1.0 and l["action"] == "skip"  # plain RTN would be worse than nothing: not written
+    cal = sorted(effect_error(base, out, m, dws[m], x) for m in MODS)
+    pl = sorted(effect_error(base, plain, m, dws[m], x) for m in MODS)
+    assert cal[-1] < pl[0] and pl[0] == pytest.approx(1.0)
+
+
+def test_skip_and_biasfold_modes(merged, tmp_path):
+    base, truth, mods, lp, out, rep = merged
+    skip = tmp_path / "skip.safetensors"
+    rs = json.loads(run(base, lp, "-o", skip, "--json", "--mod", "skip").stdout)
+    assert not [l for l in rs["layers"] if l["method"] == "modulation"]
+    assert rs["loras"][0]["keys"]["ignored"] == 2 * len(MODS)
+    with Checkpoint(base) as b, Checkpoint(skip) as s:
+        for m in MODS:
+            for part in ("qweight", "wscales", "wzeros", "bias"):
+                assert torch.equal(b.get(f"{m}.{part}").view(torch.uint8), s.get(f"{m}.{part}").view(torch.uint8))
+    bf = tmp_path / "bf.safetensors"
+    rb = json.loads(run(base, lp, "-o", bf, "--json", "--mod", "biasfold").stdout)
+    for l in rb["layers"]:
+        if l["method"] == "modulation":
+            assert l["action"] in ("biasfold", "skip") and l["codes_changed"] == 0
+
+
+def test_verify_catches_non_interleaved_modulation(merged, tmp_path):
+    """A merge that added the LoRA in diffusers row order (the runtime loader's bug) fails verify."""
+    base, truth, mods, lp, out, rep = merged
+    run("verify", base, out, lp, "-q")
+    import converter.pipeline as pl
+
+    orig = pl.interleave_rows
+    try:
+        pl.interleave_rows = lambda t, splits: t  # simulate the bug
+        bad = tmp_path / "bad.safetensors"
+        run(base, lp, "-o", bad, "-q", "--mod", "biasfold")
+    finally:
+        pl.interleave_rows = orig
+    res = run("verify", base, bad, lp, ok=False)
+    assert res.exit_code == 4 and "e_mod" in res.stdout and "img_mod" in res.stdout
