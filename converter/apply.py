@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codecs.lowrank import LowRankDown, LowRankUp, pad_rank
+from .codecs.lowrank import append_packed, pad_rank
 from .codecs.svdq_scales import PackedVector
 from .errors import MergeError
 from .lora import LoraFile
@@ -81,7 +81,8 @@ def delta_bias(op: LayerOp, loras: list[LoraFile]) -> torch.Tensor | None:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() and not torch.isfinite(t.float()).all():
+    # a sum is finite when every element is (barring overflow of the sum itself, then look element-wise)
+    if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise MergeError(f"merging produced non-finite values in {name} (a LoRA tensor holds inf/nan, or the "
                          "strength is too large for the checkpoint dtype)")
     return t
@@ -139,25 +140,28 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
                   ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """SVDQ layer: append the LoRA to proj_down/proj_up (exact), zero-pad to the uniform rank; bias deltas are
     added in pack_scale order. qweight, wscales, smooth factors stay untouched. If the LoRA part does not fit
-    in `rank` (--max-rank), it is replaced by its best approximation of the rank that fits."""
+    in `rank` (--max-rank), it is replaced by its best approximation of the rank that fits.
+    The base's own packed tiles are moved, never unpacked (see append_packed)."""
     pd, pu = base.get(layer.key("proj_down")), base.get(layer.key("proj_up"))
-    dtype = pd.dtype
-    d0, u0 = LowRankDown.unpack(pd), LowRankUp.unpack(pu)
+    dtype, r0 = pd.dtype, pd.shape[1]
+    room = rank - r0
     f = lowrank_factors(op, loras) if op else None
     rec = None
     if f is not None:
-        ideal, room, dropped = f, rank - d0.shape[0], 0.0
+        ideal, dropped = f, 0.0
         if f.down.shape[0] > room:
             f, dropped = truncate(f, room)
-        d = torch.cat([d0, _check_finite(layer.prefix, f.down).to(dtype)], 0)
-        u = torch.cat([u0, _check_finite(layer.prefix, f.up).to(dtype)], 1)
+        used = (f.down.shape[0] + 15) // 16 * 16
+        d_add = pad_rank(_check_finite(layer.prefix, f.down).to(dtype), used, down=True)
+        u_add = pad_rank(_check_finite(layer.prefix, f.up).to(dtype), used, down=False)
     else:
-        d, u = d0, u0
-    d, u = pad_rank(d, rank, down=True), pad_rank(u, rank, down=False)
-    out = {layer.key("proj_down"): LowRankDown.pack(d), layer.key("proj_up"): LowRankUp.pack(u)}
+        d_add = u_add = None
+    out = {}
+    if room:
+        out = {layer.key("proj_down"): append_packed(pd, d_add, down=True, rank=rank),
+               layer.key("proj_up"): append_packed(pu, u_add, down=False, rank=rank)}
     if f is not None:
-        r0 = d0.shape[0]
-        err, _ = lowrank_error(u[:, r0:].float(), d[r0:].float(), ideal, probes=0 if dropped else LOWRANK_PROBES)
+        err, _ = lowrank_error(u_add.float(), d_add.float(), ideal, probes=0 if dropped else LOWRANK_PROBES)
         rec = {"rel_error": err, "rank_added": ideal.down.shape[0]}
         if dropped:
             rec |= {"rank_kept": f.down.shape[0], "truncation_error": dropped}

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable
 
@@ -37,6 +39,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 COPY_CHUNK = 64 << 20
 MAX_HEADER = 100 << 20
+MAX_QUEUED_BYTES = 256 << 20  # computed tensors waiting for the writer thread
 
 
 @dataclass(frozen=True)
@@ -195,8 +198,10 @@ class StreamingWriter:
             self._f.write(struct.pack("<Q", len(raw)))
             self._f.write(raw)
         except BaseException:
-            self.abort()
+            self._f.close()
+            os.unlink(self.tmp_path)
             raise
+        self._start_io()
 
     def _expect(self, name: str, nbytes: int) -> None:
         if self._next >= len(self.specs) or self.specs[self._next].name != name:
@@ -206,6 +211,59 @@ class StreamingWriter:
             raise RuntimeError(f"writer: {name} has {nbytes} bytes, declared {self.specs[self._next].nbytes}")
         self._next += 1
 
+    # -- the actual I/O runs on a background thread (I/O and torch release the GIL), so that the caller can
+    # compute the next layer while earlier tensors are copied and written; at most MAX_QUEUED bytes wait.
+    def _start_io(self) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._room = threading.Condition()
+        self._queued = 0  # bytes held by queued items
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._io_loop, name="safetensors-writer", daemon=True)
+        self._thread.start()
+
+    def _io_loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            kind, payload, extra = item
+            try:
+                if self._error is None:
+                    if kind == "copy":
+                        n = payload.copy_raw(extra, self._f)
+                    else:
+                        self._f.write(payload)
+                        n = len(payload) if kind == "raw" else payload.nbytes
+                    if self._progress:
+                        self._progress(n)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            finally:
+                with self._room:
+                    self._queued -= self._held(kind, payload)
+                    self._room.notify_all()
+
+    @staticmethod
+    def _held(kind: str, payload) -> int:
+        return 0 if kind == "copy" else (len(payload) if kind == "raw" else payload.nbytes)
+
+    def _put(self, kind: str, payload, extra=None) -> None:
+        if self._error is not None:
+            raise self._error
+        n = self._held(kind, payload)
+        with self._room:  # bounded memory: wait while the queue holds too much (one item always fits)
+            while self._queued and self._queued + n > MAX_QUEUED_BYTES and self._error is None:
+                self._room.wait()
+            self._queued += n
+        self._q.put((kind, payload, extra))
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
     def write_tensor(self, name: str, t: torch.Tensor) -> None:
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         if spec is not None and spec.name == name:
@@ -213,24 +271,19 @@ class StreamingWriter:
                 raise RuntimeError(f"writer: {name} is {t.dtype}{tuple(t.shape)}, declared {spec.dtype}{spec.shape}")
         data = tensor_bytes(t)
         self._expect(name, data.nbytes)
-        self._f.write(data)
-        if self._progress:
-            self._progress(data.nbytes)
+        self._put("view", data)
 
     def copy_tensor(self, name: str, src: Checkpoint) -> None:
         self._expect(name, src.tensors[name].nbytes)
-        n = src.copy_raw(name, self._f)
-        if self._progress:
-            self._progress(n)
+        self._put("copy", src, name)
 
     def write_raw(self, name: str, data: bytes | bytearray) -> None:
         self._expect(name, len(data))
-        self._f.write(data)
-        if self._progress:
-            self._progress(len(data))
+        self._put("raw", data)
 
     def finish(self, check: Callable[[str], None] | None = None) -> None:
         """Flush and fsync the complete temp file, then run `check(temp_path)` on it."""
+        self._drain()
         if self._next != len(self.specs):
             raise RuntimeError(f"writer: only {self._next} of {len(self.specs)} tensors written")
         self._f.flush()
@@ -260,6 +313,11 @@ class StreamingWriter:
             raise
 
     def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        try:
+            self._drain()
+        except BaseException:
+            pass
         try:
             self._f.close()
         except Exception:

@@ -7,6 +7,7 @@ where the n-role is the rank for down and the out channel for up.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import Codec, require
@@ -16,14 +17,17 @@ def _check(rows: int, cols: int, what: str) -> None:
     require(rows % 16 == 0 and cols % 16 == 0, f"{what}: shape {(rows, cols)} is not a multiple of 16 in both axes")
 
 
-def _tiles_to_disk(t: torch.Tensor) -> torch.Tensor:
-    # t: (c_tiles, r_tiles, 16 n-role, 16 k-role) -> inner order (l, q, s, t, e)
-    ct, rt = t.shape[:2]
-    return t.reshape(ct, rt, 2, 8, 2, 4, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(ct, rt, 256)
+# The element pair (e) is innermost both before and after packing, so the permutation runs on int32 pairs, in
+# numpy: its strided copy is about 10x faster than torch's for these many small axes, and this is the merge's
+# hot loop (every layer's appended branch).
+#   n-role = s*8 + l, k-role pair = t*4 + q   ->   pair index in the tile ((l*4 + q)*2 + s)*2 + t
+def _pairs(t: torch.Tensor) -> np.ndarray:
+    require(t.element_size() == 2, f"low-rank tensors are 16-bit, got {t.dtype}")
+    return t.detach().cpu().contiguous().view(torch.int32).numpy()
 
 
-def _disk_to_tiles(d: torch.Tensor, ct: int, rt: int) -> torch.Tensor:
-    return d.reshape(ct, rt, 8, 4, 2, 2, 2).permute(0, 1, 4, 2, 5, 3, 6).reshape(ct, rt, 16, 16)
+def _from_pairs(a: np.ndarray, like: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).view(like.dtype).reshape(shape).to(like.device)
 
 
 class LowRankDown(Codec, name="lowrank_down"):
@@ -32,16 +36,16 @@ class LowRankDown(Codec, name="lowrank_down"):
         """(R, I) -> (I, R)."""
         r, c = down.shape
         _check(r, c, "proj_down")
-        t = down.reshape(r // 16, 16, c // 16, 16).permute(2, 0, 1, 3)
-        return _tiles_to_disk(t).reshape(c, r)
+        a = _pairs(down).reshape(r // 16, 2, 8, c // 16, 2, 4)  # rt, s, l, ct, t, q
+        return _from_pairs(a.transpose(3, 0, 2, 5, 1, 4), down, (c, r))
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> torch.Tensor:
         """(I, R) -> (R, I)."""
         c, r = packed.shape
         _check(r, c, "proj_down")
-        t = _disk_to_tiles(packed, c // 16, r // 16)
-        return t.permute(1, 2, 0, 3).reshape(r, c)
+        a = _pairs(packed).reshape(c // 16, r // 16, 8, 4, 2, 2)  # ct, rt, l, q, s, t
+        return _from_pairs(a.transpose(1, 4, 2, 0, 5, 3), packed, (r, c))
 
 
 class LowRankUp(Codec, name="lowrank_up"):
@@ -50,15 +54,15 @@ class LowRankUp(Codec, name="lowrank_up"):
         """(O, R) -> (O, R)."""
         c, r = up.shape
         _check(r, c, "proj_up")
-        t = up.reshape(c // 16, 16, r // 16, 16).permute(0, 2, 1, 3)
-        return _tiles_to_disk(t).reshape(c, r)
+        a = _pairs(up).reshape(c // 16, 2, 8, r // 16, 2, 4)  # ct, s, l, rt, t, q
+        return _from_pairs(a.transpose(0, 3, 2, 5, 1, 4), up, (c, r))
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> torch.Tensor:
         c, r = packed.shape
         _check(r, c, "proj_up")
-        t = _disk_to_tiles(packed, c // 16, r // 16)
-        return t.permute(0, 2, 1, 3).reshape(c, r)
+        a = _pairs(packed).reshape(c // 16, r // 16, 8, 4, 2, 2)  # ct, rt, l, q, s, t
+        return _from_pairs(a.transpose(0, 4, 2, 1, 5, 3), packed, (c, r))
 
 
 def pad_rank(t: torch.Tensor, rank: int, down: bool) -> torch.Tensor:
@@ -70,3 +74,29 @@ def pad_rank(t: torch.Tensor, rank: int, down: bool) -> torch.Tensor:
     if down:
         return torch.cat([t, t.new_zeros(rank - cur, t.shape[1])], dim=0)
     return torch.cat([t, t.new_zeros(t.shape[0], rank - cur)], dim=1)
+
+
+def append_packed(packed: torch.Tensor, extra: torch.Tensor | None, down: bool, rank: int) -> torch.Tensor:
+    """Packed (C, R0) branch + logical extra rank -> packed (C, rank), zero-padded, without unpacking the
+    base part.
+
+    Tiles are channel-tile-major ([C/16][R/16][256]), so the base's tiles keep their content and only move
+    to make room; only `extra` ((r, C) for down, (C, r) for up; r a multiple of 16) is packed, and the
+    padding tiles are zeros in either layout."""
+    c, r0 = packed.shape
+    r = 0 if extra is None else (extra.shape[0] if down else extra.shape[1])
+    require(r % 16 == 0 and r0 + r <= rank and rank % 16 == 0, f"cannot append rank {r} to {r0} within {rank}")
+    out = packed.new_zeros(c, rank)
+    ov = out.view(c // 16, rank // 16, 256)
+    ov[:, : r0 // 16] = packed.reshape(c // 16, r0 // 16, 256)
+    if r:
+        new = (LowRankDown if down else LowRankUp).pack(extra)
+        ov[:, r0 // 16: (r0 + r) // 16] = new.reshape(c // 16, r // 16, 256)
+    return out
+
+
+def packed_tail(packed: torch.Tensor, r0: int, down: bool) -> torch.Tensor:
+    """The logical rank columns r0: of a packed branch (the part a merge appended)."""
+    c, r = packed.shape
+    tail = packed.reshape(c // 16, r // 16, 256)[:, r0 // 16:].reshape(c, r - r0)
+    return (LowRankDown if down else LowRankUp).unpack(tail)
