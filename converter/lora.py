@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -67,19 +68,32 @@ class LoraFile:
     default_alpha: float | None = None  # from diffusers' lora_adapter_metadata, when present
     rslora: bool = False
     _sha256: str | None = None
+    _hasher: threading.Thread | None = None
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
+    def hash_in_background(self) -> None:
+        """Start hashing the file on a thread (hashlib and reads release the GIL): it overlaps the merge."""
+        if self._sha256 is None and self._hasher is None:
+            self._hasher = threading.Thread(target=self._hash, name=f"sha256 {self.name}", daemon=True)
+            self._hasher.start()
+
+    def _hash(self) -> None:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        self._sha256 = h.hexdigest()
+
     @property
     def sha256(self) -> str:
+        if self._hasher is not None:
+            self._hasher.join()
+            self._hasher = None
         if self._sha256 is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(8 << 20), b""):
-                    h.update(chunk)
-            self._sha256 = h.hexdigest()
+            self._hash()
         return self._sha256
 
     def tensor(self, key: str) -> torch.Tensor:

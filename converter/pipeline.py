@@ -186,10 +186,14 @@ class Job:
     pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def _provenance(s: Session) -> dict:
+HASH_PLACEHOLDER = "0" * 64  # same width as a sha256: the header is patched once the hashes are known
+
+
+def _provenance(s: Session, final: bool = True) -> dict:
     return {
         "tool": f"qwenlora-merge {__version__}",
-        "loras": [{"file": lf.name, "sha256": lf.sha256, "strength": lf.strength, "format": lf.format} for lf in s.loras],
+        "loras": [{"file": lf.name, "sha256": lf.sha256 if final else HASH_PLACEHOLDER, "strength": lf.strength,
+                   "format": lf.format} for lf in s.loras],
         "rank": {"from": s.plan.model.rank, "to": s.plan.new_rank},
         "modulation": s.plan.modulation_mode,
     }
@@ -216,7 +220,9 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
     for j in jobs:
         j.specs = output_specs(j.session.plan, base)
         j.touched = j.session.plan.touched_keys()
-        j.meta = updated_metadata(j.session.plan, _provenance(j.session))
+        for lf in j.session.loras:
+            lf.hash_in_background()
+        j.meta = updated_metadata(j.session.plan, _provenance(j.session, final=False))
         total += sum(sp.nbytes for sp in j.specs)
     done = [0]
 
@@ -255,6 +261,8 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
                 if not j.pending[prefix]:
                     del j.pending[prefix]
         for j in jobs:
+            j.meta = updated_metadata(j.session.plan, _provenance(j.session))
+            j.writer.patch_metadata(j.meta)
             j.writer.finish(check=lambda tmp, j=j: post_write_check(tmp, j.specs, j.meta))
         for j in jobs:
             j.writer.publish()

@@ -183,13 +183,9 @@ class StreamingWriter:
         self.specs = list(specs)
         self._next = 0
         self._progress = progress
-        header: dict[str, object] = {"__metadata__": dict(metadata)}
-        off = 0
-        for s in self.specs:
-            header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
-            off += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        off = sum(s.nbytes for s in self.specs)
+        raw = self._header_bytes(metadata)
+        self._header_len = len(raw)
         self.total = 8 + len(raw) + off
         folder = os.path.dirname(os.path.abspath(self.path))
         fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=folder)
@@ -202,6 +198,28 @@ class StreamingWriter:
             os.unlink(self.tmp_path)
             raise
         self._start_io()
+
+    def _header_bytes(self, metadata: dict[str, str]) -> bytes:
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        off = 0
+        for s in self.specs:
+            header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+            off += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)
+
+    def patch_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header with new metadata of the same encoded length (e.g. a hash that was a
+        placeholder of the same width while the tensors streamed)."""
+        self._drain()
+        raw = self._header_bytes(metadata)
+        if len(raw) != self._header_len:
+            raise RuntimeError("patched metadata changes the header length")
+        self._f.flush()
+        self._f.seek(8)
+        self._f.write(raw)
+        self._f.flush()
+        self._f.seek(0, os.SEEK_END)
 
     def _expect(self, name: str, nbytes: int) -> None:
         if self._next >= len(self.specs) or self.specs[self._next].name != name:

@@ -641,9 +641,13 @@ def main(argv=None) -> int:
                                " (drop_caches before each job)"),
         "rss": "ru_maxrss of the job from os.wait4 in a ~10 MB launcher (Linux seeds it at exec)",
     }
+    doc = {"machine": machine, "files": files, "base_bytes": base_size, "lora_bytes": lora_size,
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [r.__dict__ for r in results]}
+    saved = wd / f"results-r{a.rank}-b{a.blocks}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    saved.write_text(json.dumps(doc, indent=1))
+    log(f"results saved to {saved}")
     if a.json:
-        print(json.dumps({"machine": machine, "files": files, "base_bytes": base_size, "lora_bytes": lora_size,
-                          "results": [r.__dict__ for r in results]}, indent=1))
+        print(json.dumps(doc, indent=1))
     else:
         print()
         print(render(machine, files, results))
