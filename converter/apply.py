@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codecs.lowrank import append_packed, pad_rank
+from .codecs.lowrank import append_packed
 from .codecs.svdq_scales import PackedVector
 from .errors import MergeError
 from .lora import LoraFile
@@ -37,25 +37,29 @@ def _place(c: Contribution, src: torch.Tensor, out_rows: int) -> torch.Tensor:
 
 
 def lowrank_factors(op: LayerOp, loras: list[LoraFile]) -> Factors | None:
-    """The LoRA part of a layer as one low-rank pair; members sharing an A contribute one set of columns."""
+    """The LoRA part of a layer as one low-rank pair (fp32); members sharing an A contribute one set of
+    columns. Written straight into preallocated factors: this runs for every layer of a merge."""
     lay = op.layer
-    low = [c for c in op.contributions if c.kind == "lowrank"]
+    low = [(i, c) for i, c in enumerate(op.contributions) if c.kind == "lowrank"]
     if not low:
         return None
-    downs, ups = [], []
     col: dict[int, int] = {}
-    for i, c in enumerate(op.contributions):
-        if c.kind != "lowrank":
-            continue
+    start = 0
+    for i, c in low:
+        if c.shares_a_with is None:
+            col[i] = start
+            start += c.rank
+    down = torch.empty(start, lay.in_features)
+    up = torch.zeros(lay.out_features, start)
+    for i, c in low:
         lf = loras[c.lora]
-        b = _place(c, lf.tensor(c.b_key), lay.out_features)
-        if c.shares_a_with is not None:
-            ups[col[c.shares_a_with]] += b
-            continue
-        col[i] = len(ups)
-        downs.append(lf.tensor(c.a_key) * c.scale)
-        ups.append(b)
-    return Factors(torch.cat(downs, 0), torch.cat(ups, 1))
+        j = col[c.shares_a_with if c.shares_a_with is not None else i]
+        if c.shares_a_with is None:
+            torch.mul(lf.ckpt.get(c.a_key), c.scale, out=down[j:j + c.rank])
+        b = lf.ckpt.get(c.b_key)
+        for s in c.segments:
+            up[s.target_start:s.target_start + s.rows, j:j + c.rank] += b[s.lora_start:s.lora_start + s.rows]
+    return Factors(down, up)
 
 
 def delta_weight(op: LayerOp, loras: list[LoraFile], device: str = "cpu") -> torch.Tensor | None:
@@ -101,8 +105,9 @@ def lowrank_error(u_app: torch.Tensor, d_app: torch.Tensor, f: Factors, probes: 
     if probes:
         g = torch.Generator().manual_seed(0)
         omega = torch.randn(f.down.shape[1], probes, generator=g)
-        want = f.up @ (f.down @ omega)
-        got = u_app @ (d_app @ omega)
+        rows = slice(None, None, max(1, f.up.shape[0] // 1024))  # rounding noise is alike in every row
+        want = f.up[rows] @ (f.down @ omega)
+        got = u_app[rows].float() @ (d_app.float() @ omega)
         ref = float(want.norm())
         return (float((got - want).norm()) / ref if ref else 0.0), ref / probes ** 0.5
     r = f.down.shape[0]
@@ -151,9 +156,12 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
         ideal, dropped = f, 0.0
         if f.down.shape[0] > room:
             f, dropped = truncate(f, room)
-        used = (f.down.shape[0] + 15) // 16 * 16
-        d_add = pad_rank(_check_finite(layer.prefix, f.down).to(dtype), used, down=True)
-        u_add = pad_rank(_check_finite(layer.prefix, f.up).to(dtype), used, down=False)
+        r = f.down.shape[0]
+        used = (r + 15) // 16 * 16
+        d_add = pd.new_zeros(used, layer.in_features)
+        u_add = pu.new_zeros(layer.out_features, used)
+        d_add[:r].copy_(_check_finite(layer.prefix, f.down))
+        u_add[:, :r].copy_(_check_finite(layer.prefix, f.up))
     else:
         d_add = u_add = None
     out = {}
@@ -161,7 +169,8 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
         out = {layer.key("proj_down"): append_packed(pd, d_add, down=True, rank=rank),
                layer.key("proj_up"): append_packed(pu, u_add, down=False, rank=rank)}
     if f is not None:
-        err, _ = lowrank_error(u_add.float(), d_add.float(), ideal, probes=0 if dropped else LOWRANK_PROBES)
+        err, _ = lowrank_error(u_add if not dropped else u_add.float(), d_add if not dropped else d_add.float(), ideal,
+                               probes=0 if dropped else LOWRANK_PROBES)
         rec = {"rel_error": err, "rank_added": ideal.down.shape[0]}
         if dropped:
             rec |= {"rank_kept": f.down.shape[0], "truncation_error": dropped}
