@@ -55,7 +55,7 @@ def lowrank_factors(op: LayerOp, loras: list[LoraFile]) -> Factors | None:
         lf = loras[c.lora]
         j = col[c.shares_a_with if c.shares_a_with is not None else i]
         if c.shares_a_with is None:
-            torch.mul(lf.ckpt.get(c.a_key), c.scale, out=down[j:j + c.rank])
+            torch.mul(lf.ckpt.get(c.a_key).float(), c.scale, out=down[j:j + c.rank])  # exact reference: fp32
         b = lf.ckpt.get(c.b_key)
         for s in c.segments:
             up[s.target_start:s.target_start + s.rows, j:j + c.rank] += b[s.lora_start:s.lora_start + s.rows]

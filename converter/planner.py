@@ -135,7 +135,7 @@ def _summarise(keys: list[tuple[str, str]], limit: int = 8) -> str:
     return "; ".join(items) + (f"; ... {more} more patterns" if more > 0 else "")
 
 
-def method_for(layer: Layer, splits: int | None) -> str:
+def method_for(layer: Layer) -> str:
     if layer.layout.is_svdq:
         return "lowrank_append"
     if layer.layout == Layout.AWQ_W4A16:
@@ -210,9 +210,7 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
 def _add_module(li: int, lf: LoraFile, mod: LoraModule, tname: str, segs: list[Segment], model: Model,
                 ops: dict[str, LayerOp]) -> str | None:
     """Register the module's contributions; returns a reason string if it cannot be applied."""
-    from mappings import by_name as _fam
-
-    fam = _fam(model.family)
+    fam = by_name(model.family)
     lora_rows = sum(s.rows for s in segs)
     in_features = model.layers[segs[0].target].in_features
     if "A" in mod.keys:
@@ -243,7 +241,7 @@ def _add_module(li: int, lf: LoraFile, mod: LoraModule, tname: str, segs: list[S
         by_target[s.target].append(s)
     for target, tsegs in by_target.items():
         layer = model.layers[target]
-        op = ops.setdefault(target, LayerOp(layer, method_for(layer, fam.modulation_splits(target))))
+        op = ops.setdefault(target, LayerOp(layer, method_for(layer)))
         if "A" in mod.keys:
             op.contributions.append(Contribution(li, mod.name, "lowrank", tsegs, scale=lf.scale(mod),
                                                  rank=lf.shape(mod.keys["A"])[0], a_key=mod.keys["A"],

@@ -18,20 +18,27 @@ What it does
    rank --lora-rank, no alpha) on every block: separate attn.to_q/to_k/to_v and add_q/k/v_proj A matrices,
    attn.to_out.0, attn.to_add_out, img/txt_mlp.net.0.proj and net.2, img_mod.1 and txt_mod.1.
 3. Runs, each in its own subprocess, one after the other (output deleted and `sync` after each):
-     cp          `cp BASE OUT && sync OUT` (the copy is fsync'ed, as the merge fsyncs its output)
+     cp          `cp BASE OUT && sync OUT` (the copy is fsync'ed, as the merge fsyncs its output): the
+                 baseline of every ratio
+     cp-nosync   plain `cp BASE OUT` (informational; --no-cp-nosync drops it)
      merge-skip  `python -m converter.cli BASE LORA -o OUT --mod skip`
      merge-mod   `python -m converter.cli BASE LORA -o OUT` (default --mod calibrated)
      naive       safetensors.torch.load_file(BASE) + save_file(OUT) (+ fsync), run last, under a memory
                  watchdog (see LAUNCHER); skipped by default when the base is larger than 40 % of RAM
                  (--naive forces it: it then prints "did not fit" if it runs out of memory or is stopped).
    Wall time is measured around the child; CPU time and peak RSS come from the child's own rusage,
-   returned by os.wait4() (ru_maxrss: the high-water mark of its resident set, including the children it
-   waited for, e.g. cp under sh; file-backed mmap pages count, page-cache pages read with pread do not).
+   returned by os.wait4() in a small launcher process (ru_maxrss: the high-water mark of its resident set,
+   including the children it waited for, e.g. cp under sh; file-backed mmap pages count, page-cache pages
+   read with pread do not). --repeat N runs each job N times and keeps the fastest. The machine is shared:
+   each row also shows the load average and the CPU pressure (PSI) seen during the job.
 4. Warm cache by default: before each job the base and LoRA are read once (untimed) so they sit in the page
    cache. --cold instead runs `sync; echo 3 > /proc/sys/vm/drop_caches` before each job (root only).
 
-Prints the machine, then a table: job, wall s, ratio to cp, CPU s, peak RSS, output size, status.
---json prints the same as one JSON object instead.
+Prints the machine, then a table: job, wall s, ratio to cp, CPU s, peak RSS, output size, load, CPU
+pressure, status; then the three targets (merge-skip <= 1.3x cp, merge peak RSS <= 1.5 GB, merge-mod <= 300 s).
+--json prints the same as one JSON object instead; every run also saves it as <workdir>/results-*.json.
+Generated files: ~12.65 GB (rank 128) or ~11.5 GB (rank 32) base plus a 1.18 GB LoRA; the run needs about
+1.3x the base free again for the outputs (one at a time).
 """
 
 from __future__ import annotations

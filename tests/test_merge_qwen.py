@@ -58,6 +58,9 @@ def test_every_format_merges_exactly(qwen, tmp_path, fmt):
     acc = rep["loras"][0]["keys"]
     assert acc["unmapped"] == 0 and acc["applied"] == acc["total"], acc
     errs = check_merged(base, out, truth, expected_deltas([(mods, 0.8)], truth["target_map"]))
+    # the report measures against the exact (fp32) LoRA: scaling by 0.8 must show as bf16 rounding, not 0
+    low = [l["rel_error"] for l in rep["layers"] if l["method"] == "lowrank_append"]
+    assert low and all(1e-5 < e < 1e-2 for e in low), low
     assert len(errs) == len({t for t, _, _ in (truth["target_map"][m] for m in mods)})
     check_loadable(out)
     assert quant_rank(out) == rep["rank"]["to"] == 32 + 48  # separate q/k/v A's: 3 x 16 on to_qkv
