@@ -108,7 +108,7 @@ def _lowrank_layer(p: str, s: Session, base: Checkpoint, merged: Checkpoint) -> 
     f = lowrank_factors(op, s.loras) if op else None
     if f is None:
         r0 = d0.shape[0]
-        rec["rel_error"] = 0.0
+        rec["targeted"] = False
         same = d1.shape[0] >= r0 and torch.equal(d1[:r0], d0) and torch.equal(u1[:, :r0], u0)
         if not same or bool((u1[:, r0:] @ d1[r0:]).abs().max() > 0 if d1.shape[0] > r0 else False):
             probs.append("low-rank branch changed although no LoRA targets this layer")
