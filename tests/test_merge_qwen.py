@@ -275,3 +275,34 @@ def test_fused_smoothing_is_refused(tmp_path):
     mods = random_lora_modules({"transformer_blocks.0.img_mlp.net.2": (D, 4 * D)}, rank=4, seed=0)
     write_lora(lp, mods, "diffusers")
     run(p, lp, "-o", tmp_path / "o.safetensors", "-q")
+
+
+def test_runtime_manifest_ranks_are_updated(tmp_path):
+    import json as _json
+
+    from converter.st_io import Checkpoint, OutSpec, StreamingWriter
+
+    src = tmp_path / "b0.safetensors"
+    build_qwen_checkpoint(src, blocks=1, dim=D, rank=32)
+    base = tmp_path / "b.safetensors"
+    with Checkpoint(src) as c:  # the same file, with a nunchaku_lite runtime manifest in its metadata
+        meta = dict(c.metadata)
+        qc = _json.loads(meta["quantization_config"])
+        qc["runtime_manifest"] = {"schema": "nunchaku_lite.runtime_manifest", "version": 1,
+                                  "requirements": {"rank": 32},
+                                  "targets": [{"name": "transformer_blocks.0.attn.to_qkv", "rank": 32},
+                                              {"name": "transformer_blocks.0.img_mlp.net.2", "rank": 32}]}
+        meta["quantization_config"] = _json.dumps(qc)
+        w = StreamingWriter(base, [OutSpec(i.name, i.dtype, i.shape) for i in c.tensors.values()], meta)
+        for n in c.keys():
+            w.copy_tensor(n, c)
+        w.commit()
+    mods = random_lora_modules({"transformer_blocks.0.attn.to_out.0": (D, D)}, rank=16, seed=0)
+    lp = tmp_path / "l.safetensors"
+    write_lora(lp, mods, "diffusers")
+    out = tmp_path / "o.safetensors"
+    run(base, lp, "-o", out, "-q")
+    qo = _json.loads(metadata(out)["quantization_config"])
+    man = qo["runtime_manifest"]
+    assert qo["rank"] == 48 and man["requirements"]["rank"] == 48 and all(t["rank"] == 48 for t in man["targets"])
+    assert man["schema"] == "nunchaku_lite.runtime_manifest"
