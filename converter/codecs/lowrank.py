@@ -86,12 +86,13 @@ def append_packed(packed: torch.Tensor, extra: torch.Tensor | None, down: bool, 
     c, r0 = packed.shape
     r = 0 if extra is None else (extra.shape[0] if down else extra.shape[1])
     require(r % 16 == 0 and r0 + r <= rank and rank % 16 == 0, f"cannot append rank {r} to {r0} within {rank}")
-    out = packed.new_zeros(c, rank)
+    out = packed.new_empty(c, rank)
     ov = out.view(c // 16, rank // 16, 256)
     ov[:, : r0 // 16] = packed.reshape(c // 16, r0 // 16, 256)
     if r:
         new = (LowRankDown if down else LowRankUp).pack(extra)
         ov[:, r0 // 16: (r0 + r) // 16] = new.reshape(c // 16, r // 16, 256)
+    ov[:, (r0 + r) // 16:] = 0
     return out
 
 
