@@ -15,5 +15,6 @@ pipq() {  # quiet pip: its log is shown only when it fails
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   pipq "${TORCH_SPEC:-torch==2.13.0}"
 fi
-pipq --no-build-isolation -e . || pipq -e .
+# reuse the installed setuptools when it can build us; otherwise let pip fetch a build backend
+"$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -e . >"$ROOT/.venv/pip.log" 2>&1 || pipq -e .
 export PATH="$ROOT/.venv/bin:$PATH"
