@@ -232,6 +232,10 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
             opts.progress(done[0], total, "")
 
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    # the per-layer work outside the modulation layers is many small ops: one intra-op thread leaves the
+    # other core to the writer thread (measured on 2 cores: 23 s instead of 32 s for a 12.7 GB merge)
+    torch.set_num_threads(1)
     try:
         for j in jobs:
             j.session.records = []
@@ -249,7 +253,10 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
                     continue
                 prefix = name.rpartition(".")[0]
                 if prefix not in j.pending:
+                    heavy = j.session.model.layers[prefix].layout == Layout.AWQ_W4A16
+                    torch.set_num_threads(threads if heavy else 1)
                     out, rec = transform_layer(j.session, prefix, ctx_getter, opts.device)
+                    torch.set_num_threads(1)
                     j.pending[prefix] = out
                     if rec:
                         j.session.records.append(rec)
@@ -271,6 +278,8 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
             if j.writer is not None:
                 j.writer.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
     secs = round(time.perf_counter() - t0, 3)
     return [{"seconds": secs, "output": j.out_path, "output_bytes": os.path.getsize(j.out_path)} for j in jobs]
 
