@@ -148,7 +148,7 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
     in `rank` (--max-rank), it is replaced by its best approximation of the rank that fits.
     The base's own packed tiles are moved, never unpacked (see append_packed)."""
     pd, pu = base.get(layer.key("proj_down")), base.get(layer.key("proj_up"))
-    dtype, r0 = pd.dtype, pd.shape[1]
+    r0 = pd.shape[1]
     room = rank - r0
     f = lowrank_factors(op, loras) if op else None
     rec = None

@@ -210,7 +210,6 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
 def _add_module(li: int, lf: LoraFile, mod: LoraModule, tname: str, segs: list[Segment], model: Model,
                 ops: dict[str, LayerOp]) -> str | None:
     """Register the module's contributions; returns a reason string if it cannot be applied."""
-    fam = by_name(model.family)
     lora_rows = sum(s.rows for s in segs)
     in_features = model.layers[segs[0].target].in_features
     if "A" in mod.keys:

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from converter.reference import dense_forward, layer_tensors, svdq_forward
+from converter.reference import layer_tensors, svdq_forward
 from converter.st_io import Checkpoint
 
 W4A4_TOL = 1e-2
