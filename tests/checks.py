@@ -103,3 +103,15 @@ def metadata(path) -> dict[str, str]:
 
 def quant_rank(path) -> int:
     return json.loads(metadata(path)["quantization_config"])["rank"]
+
+
+def run(*args, ok: bool = True):
+    """Invoke the CLI in-process with str()-ed arguments; with ok, require exit status 0."""
+    from click.testing import CliRunner
+
+    from converter.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res

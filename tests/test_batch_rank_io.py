@@ -11,14 +11,12 @@ import textwrap
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from builders import build_qwen_checkpoint, build_zimage_checkpoint
-from checks import check_merged, expected_deltas, quant_rank
+from checks import check_merged, expected_deltas, quant_rank, run
 from loader_emulation import check_loadable
 from lora_builders import random_lora_modules, write_lora
 
-from converter.cli import main
 from converter.st_io import Checkpoint, OutSpec, StreamingWriter
 
 D = 256
@@ -29,12 +27,6 @@ def qwen(tmp_path_factory):
     p = tmp_path_factory.mktemp("qwen") / "base.safetensors"
     return str(p), build_qwen_checkpoint(p, blocks=2, dim=D, rank=32)
 
-
-def run(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def _loras(truth, tmp_path):
@@ -199,7 +191,7 @@ def test_verify_accepts_good_and_catches_broken(qwen, tmp_path):
 
 def test_verify_catches_swapped_w1_w3(tmp_path):
     zb = tmp_path / "z.safetensors"
-    truth = build_zimage_checkpoint(zb, layers=1, dim=384, rank=32)
+    build_zimage_checkpoint(zb, layers=1, dim=384, rank=32)
     g = torch.Generator().manual_seed(0)
     mk = lambda: ((torch.randn(8, 384, generator=g) * 0.05).bfloat16(), (torch.randn(1024, 8, generator=g) * 0.05).bfloat16(), None)
     good = {"layers.0.feed_forward.w1": mk(), "layers.0.feed_forward.w3": mk()}

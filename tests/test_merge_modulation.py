@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from builders import build_qwen_checkpoint
-from checks import check_merged, expected_deltas
+from checks import check_merged, expected_deltas, run
 from loader_emulation import check_loadable
 from lora_builders import random_lora_modules, write_lora
 
-from converter.cli import main
 from converter.modulation import evaluation_sigmas, modulation_inputs
 from converter.reference import awq_forward, layer_tensors
 from converter.st_io import Checkpoint
@@ -27,12 +25,6 @@ def qwen(tmp_path_factory):
     p = tmp_path_factory.mktemp("qm") / "base.safetensors"
     return str(p), build_qwen_checkpoint(p, blocks=2, dim=D, rank=32)
 
-
-def run(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def held_out_inputs(path) -> torch.Tensor:

@@ -7,14 +7,12 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from builders import build_qwen_checkpoint
-from checks import check_merged, expected_deltas, metadata, quant_rank
+from checks import check_merged, expected_deltas, metadata, quant_rank, run
 from loader_emulation import check_loadable
 from lora_builders import FORMATS, random_lora_modules, write_lora
 
-from converter.cli import main
 
 D = 256
 
@@ -30,12 +28,6 @@ def qwen_fp4(tmp_path_factory):
     p = tmp_path_factory.mktemp("qwenfp4") / "svdq-fp4_r32-qwen-image-tiny.safetensors"
     return str(p), build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, precision="nvfp4")
 
-
-def run(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + (res.stderr if hasattr(res, "stderr") else "")
-    return res
 
 
 def report(res) -> dict:
@@ -263,7 +255,7 @@ def test_text_encoder_keys_are_listed_as_ignored(qwen, tmp_path):
 
 def test_fused_smoothing_is_refused(tmp_path):
     p = tmp_path / "fused.safetensors"
-    truth = build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, fused_smooth=("transformer_blocks.0.attn.to_out.0",))
+    build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, fused_smooth=("transformer_blocks.0.attn.to_out.0",))
     for module in ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_v"):
         mods = random_lora_modules({module: (D, D)}, rank=4, seed=0)
         lp = tmp_path / "l.safetensors"

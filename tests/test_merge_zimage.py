@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from builders import build_qwen_checkpoint, build_zimage_checkpoint
-from checks import check_merged, expected_deltas, quant_rank
+from checks import check_merged, expected_deltas, quant_rank, run
 from loader_emulation import check_loadable
 from lora_builders import random_lora_modules, write_lora
 
-from converter.cli import main
 
 D = 384
 F = 1024
@@ -24,12 +22,6 @@ def zimage(request, tmp_path_factory):
     p = tmp_path_factory.mktemp("z") / "svdq-int4_r32-z-image-turbo.safetensors"
     return str(p), build_zimage_checkpoint(p, layers=2, dim=D, rank=32, skip_refiners=request.param)
 
-
-def run(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
 
 
 def merge(base, lora_path, out, *extra):
