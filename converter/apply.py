@@ -92,6 +92,16 @@ def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_PROBES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _probes(n: int, k: int) -> torch.Tensor:
+    """Fixed Gaussian directions (the same for every layer of a width: made once)."""
+    if (n, k) not in _PROBES:
+        _PROBES[(n, k)] = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    return _PROBES[(n, k)]
+
+
 def lowrank_error(u_app: torch.Tensor, d_app: torch.Tensor, f: Factors, probes: int = 0) -> tuple[float, float]:
     """(||U_app·D_app − ΔW|| / ||ΔW||, ||ΔW||) with ΔW = f.up·f.down, through r×r Gram matrices only.
 
@@ -103,8 +113,7 @@ def lowrank_error(u_app: torch.Tensor, d_app: torch.Tensor, f: Factors, probes: 
     included). When they have the LoRA's own shape the error is split as ΔU·D_app + U·ΔD, so nothing
     cancels and fp32 suffices; otherwise (truncated or foreign) the general stacked form runs in fp64."""
     if probes:
-        g = torch.Generator().manual_seed(0)
-        omega = torch.randn(f.down.shape[1], probes, generator=g)
+        omega = _probes(f.down.shape[1], probes)
         rows = slice(None, None, max(1, f.up.shape[0] // 1024))  # rounding noise is alike in every row
         want = f.up[rows] @ (f.down @ omega)
         got = u_app[rows].float() @ (d_app.float() @ omega)
@@ -141,6 +150,55 @@ def truncate(f: Factors, k: int) -> tuple[Factors, float]:
     return Factors(down.float(), up.float()), (dropped / total) ** 0.5 if total > 0 else 0.0
 
 
+def _direct_parts(op: LayerOp, loras: list[LoraFile], dtype: torch.dtype, used: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, Contribution]]] | None:
+    """The LoRA part built straight in the checkpoint's dtype: down (used, I) and up (O, used), zero past the
+    LoRA rank. Each stored value is rounded once, exactly as the fp32 route rounds it (scale·A in fp32, then
+    to the dtype; B copied), without fp32 temporaries. Only for LoRAs in the checkpoint's dtype with no A
+    shared between members (shared A sums B columns: that takes the fp32 route)."""
+    low = [c for c in op.contributions if c.kind == "lowrank"]
+    if not low or any(c.shares_a_with is not None for c in low):
+        return None
+    for c in low:
+        lf = loras[c.lora]
+        if lf.ckpt.tensors[c.a_key].torch_dtype != dtype or lf.ckpt.tensors[c.b_key].torch_dtype != dtype:
+            return None
+    lay = op.layer
+    down = torch.empty(used, lay.in_features, dtype=dtype)
+    up = torch.zeros(lay.out_features, used, dtype=dtype)
+    cols, j = [], 0
+    for c in low:
+        lf = loras[c.lora]
+        a = lf.ckpt.get(c.a_key)
+        if c.scale == 1.0:
+            down[j:j + c.rank].copy_(a)
+        else:
+            torch.mul(a, c.scale, out=down[j:j + c.rank])
+        b = lf.ckpt.get(c.b_key)
+        for sg in c.segments:
+            up[sg.target_start:sg.target_start + sg.rows, j:j + c.rank] = b[sg.lora_start:sg.lora_start + sg.rows]
+        cols.append((j, c))
+        j += c.rank
+    down[j:] = 0
+    return down, up, cols
+
+
+def _direct_error(down: torch.Tensor, up: torch.Tensor, cols: list[tuple[int, Contribution]], loras: list[LoraFile],
+                  probes: int = LOWRANK_PROBES) -> float:
+    """lowrank_error's probe estimate for _direct_parts: up is exact (copied), so the error is up·(down −
+    scale·A), seen on fixed input directions; zero when every scale is 1 (nothing was rounded)."""
+    if all(c.scale == 1.0 for _, c in cols):
+        return 0.0
+    omega = _probes(down.shape[1], probes)
+    rows = slice(None, None, max(1, up.shape[0] // 1024))
+    u = up[rows].float()
+    ideal = torch.cat([(loras[c.lora].ckpt.get(c.a_key).float() @ omega) * c.scale for _, c in cols])
+    want = u[:, :ideal.shape[0]] @ ideal
+    got = u @ (down.float() @ omega)
+    ref = float(want.norm())
+    return float((got - want).norm()) / ref if ref else 0.0
+
+
 def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: list[LoraFile], rank: int
                   ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """SVDQ layer: append the LoRA to proj_down/proj_up (exact), zero-pad to the uniform rank; bias deltas are
@@ -150,9 +208,17 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
     pd, pu = base.get(layer.key("proj_down")), base.get(layer.key("proj_up"))
     r0 = pd.shape[1]
     room = rank - r0
-    f = lowrank_factors(op, loras) if op else None
     rec = None
-    if f is not None:
+    d_add = u_add = None
+    low_rank = sum(c.rank for c in op.contributions if c.kind == "lowrank" and c.shares_a_with is None) if op else 0
+    direct = _direct_parts(op, loras, pd.dtype, (low_rank + 15) // 16 * 16) if op and low_rank <= room else None
+    if direct is not None:  # the common case: no fp32 factors at all
+        d_add, u_add, cols = direct
+        _check_finite(layer.prefix, d_add)
+        _check_finite(layer.prefix, u_add)
+        rec = {"rel_error": _direct_error(d_add, u_add, cols, loras), "rank_added": low_rank}
+    elif op and low_rank:
+        f = lowrank_factors(op, loras)
         ideal, dropped = f, 0.0
         if f.down.shape[0] > room:
             f, dropped = truncate(f, room)
@@ -162,18 +228,15 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
         u_add = pu.new_zeros(layer.out_features, used)
         d_add[:r].copy_(_check_finite(layer.prefix, f.down))
         u_add[:, :r].copy_(_check_finite(layer.prefix, f.up))
-    else:
-        d_add = u_add = None
-    out = {}
-    if room:
-        out = {layer.key("proj_down"): append_packed(pd, d_add, down=True, rank=rank),
-               layer.key("proj_up"): append_packed(pu, u_add, down=False, rank=rank)}
-    if f is not None:
         err, _ = lowrank_error(u_add if not dropped else u_add.float(), d_add if not dropped else d_add.float(), ideal,
                                probes=0 if dropped else LOWRANK_PROBES)
         rec = {"rel_error": err, "rank_added": ideal.down.shape[0]}
         if dropped:
             rec |= {"rank_kept": f.down.shape[0], "truncation_error": dropped}
+    out = {}
+    if room:
+        out = {layer.key("proj_down"): append_packed(pd, d_add, down=True, rank=rank),
+               layer.key("proj_up"): append_packed(pu, u_add, down=False, rank=rank)}
     db = delta_bias(op, loras) if op else None
     if db is not None:
         b = base.get(layer.key("bias"))

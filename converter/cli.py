@@ -169,13 +169,27 @@ def merge_cmd(base, loras, output, dry_run, as_json, allow_unmapped, overwrite, 
 
 
 def check_device(device: str) -> None:
-    import torch
-
     if device != "cpu":
+        import torch
+
         try:
             torch.empty(1, device=device)
         except Exception as e:  # noqa: BLE001 - torch raises several types here
             raise MergeError(f"device {device!r} is not usable here: {str(e).splitlines()[0]}") from None
+
+
+def preload_torch() -> None:
+    """Start importing torch (seconds) on a thread: headers, plan and the first copies need none of it, so the
+    import overlaps them; the first layer transform waits for it. A failed import fails again there, loudly."""
+    import threading
+
+    def load() -> None:
+        try:
+            import torch  # noqa: F401
+        except BaseException:  # noqa: BLE001 - reported by the import that needs it
+            pass
+
+    threading.Thread(target=load, name="import torch", daemon=True).start()
 
 
 def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run: bool, as_json: bool,
@@ -189,6 +203,8 @@ def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run:
     from .st_io import Checkpoint
 
     reports: list[dict] = []
+    if not dry_run:
+        preload_torch()
     try:
         check_device(device)
         opts = Options(modulation=mod, allow_unmapped=allow_unmapped, device=device, progress=Progress(not quiet))

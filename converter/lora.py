@@ -16,11 +16,13 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import MergeError, UnsupportedFormat
 from .st_io import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names
 DOT_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
@@ -47,6 +49,14 @@ _UNSUPPORTED: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.(oft_blocks|oft_r|boft_R|boft_s)$"), "OFT/BOFT is not supported"),
     (re.compile(r"\.lora_(?:A|down)(?:\.[^.]+)?\.bias$"), "a bias on lora_A/lora_down is not supported"),
 ]
+
+
+def lower_thread_priority() -> None:
+    """Lowest CPU priority for the calling thread (Linux: a thread's nice value is its own); best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 @dataclass
@@ -77,14 +87,19 @@ class LoraFile:
     def hash_in_background(self) -> None:
         """Start hashing the file on a thread (hashlib and reads release the GIL): it overlaps the merge."""
         if self._sha256 is None and self._hasher is None:
-            self._hasher = threading.Thread(target=self._hash, name=f"sha256 {self.name}", daemon=True)
+            self._hasher = threading.Thread(target=self._hash, args=(True,), name=f"sha256 {self.name}",
+                                            daemon=True)
             self._hasher.start()
 
-    def _hash(self) -> None:
+    def _hash(self, background: bool = False) -> None:
+        if background:
+            lower_thread_priority()  # sha256 is ~4 s of CPU per GB here: let the merge's own threads go first
         h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for chunk in iter(lambda: f.read(8 << 20), b""):
-                h.update(chunk)
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        with open(self.path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
         self._sha256 = h.hexdigest()
 
     @property
@@ -97,7 +112,7 @@ class LoraFile:
         return self._sha256
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self.ckpt.get(key).to(torch.float32)
+        return self.ckpt.get(key).float()
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.ckpt.tensors[key].shape
@@ -106,10 +121,9 @@ class LoraFile:
         key = mod.keys.get("alpha")
         if key is None:
             return self.default_alpha
-        t = self.ckpt.get(key)
-        if t.numel() != 1:
+        if math.prod(self.ckpt.tensors[key].shape) != 1:
             raise MergeError(f"{self.name}: alpha {key} is not a scalar")
-        return float(t.float().item())
+        return self.ckpt.scalar(key)
 
     def scale(self, mod: LoraModule) -> float:
         """strength * alpha / rank for this module (rank of its own A); alpha absent -> alpha/rank = 1."""

@@ -9,8 +9,6 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
 from .errors import MergeError, UnknownFamily
 from .st_io import Checkpoint
 
@@ -136,8 +134,7 @@ def detect_fused_smoothing(ckpt: Checkpoint, svdq_layers: list[Layer]) -> set[st
         k, ko = l.key("smooth_factor"), l.key("smooth_factor_orig")
         if k not in ckpt or ko not in ckpt:
             continue
-        s = ckpt.get(k).float()
-        if torch.all(s == 1) and not torch.all(ckpt.get(ko).float() == 1):
+        if ckpt.all_equal(k, 1.0) and not ckpt.all_equal(ko, 1.0):
             out.add(l.prefix)
     return out
 

@@ -11,8 +11,6 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-import torch
-
 from mappings import FAMILIES, FOREIGN_SIGNATURES, by_name
 
 from .errors import MergeError, ShapeMismatch, UnmappedKeys
@@ -257,7 +255,7 @@ def _detect_shared_a(loras: list[LoraFile], ops: dict[str, LayerOp]) -> None:
         low = [c for c in op.contributions if c.kind == "lowrank"]
         if len(low) < 2:
             continue
-        cache: dict[int, torch.Tensor] = {}
+        cache: dict[int, bytearray] = {}
         for i, c in enumerate(op.contributions):
             if c.kind != "lowrank":
                 continue
@@ -270,9 +268,10 @@ def _detect_shared_a(loras: list[LoraFile], ops: dict[str, LayerOp]) -> None:
                 lf = loras[c.lora]
                 if lf.shape(c.a_key) != lf.shape(d.a_key):
                     continue
-                a_c = cache.setdefault(i, lf.ckpt.get(c.a_key))
-                a_d = cache.setdefault(j, lf.ckpt.get(d.a_key))
-                if torch.equal(a_c, a_d):
+                # bit-identical A (stricter than ==, which would also pair +0.0 with -0.0)
+                a_c = cache.setdefault(i, lf.ckpt.read_bytes(c.a_key))
+                a_d = cache.setdefault(j, lf.ckpt.read_bytes(d.a_key))
+                if lf.ckpt.tensors[c.a_key].dtype == lf.ckpt.tensors[d.a_key].dtype and a_c == a_d:
                     c.shares_a_with = j
                     break
 

@@ -17,7 +17,8 @@ from .codecs.lowrank import LowRankDown, LowRankUp
 from .codecs.svdq_scales import PackedVector
 from .errors import MergeError
 from .model import Layout
-from .pipeline import Options, Session, interleave_rows, open_session
+from .pipeline import Options, Session, open_session
+from .transform import interleave_rows
 from .st_io import Checkpoint
 
 LOWRANK_TOL = 1e-2  # W4A4 low-rank append is exact up to 16-bit storage
@@ -220,7 +221,7 @@ def verify(base_path: str, merged_path: str, lora_specs: list[str], *, allow_unm
                     res.layers.append(_lowrank_layer(p, s, s.base, merged))
                 elif lay.layout == Layout.AWQ_W4A16:
                     if x_eval is None and p in s.plan.ops:
-                        from .pipeline import ModulationContext
+                        from .transform import ModulationContext
 
                         x_eval = ModulationContext(s.base, s.model, "cpu").x_eval
                     res.layers.append(_modulation_layer(p, s, s.base, merged, x_eval))

@@ -124,7 +124,7 @@ def test_verify_catches_non_interleaved_modulation(merged, tmp_path):
     """A merge that added the LoRA in diffusers row order (the runtime loader's bug) fails verify."""
     base, truth, mods, lp, out, rep = merged
     run("verify", base, out, lp, "-q")
-    import converter.pipeline as pl
+    import converter.transform as pl
 
     orig = pl.interleave_rows
     try:

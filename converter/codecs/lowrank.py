@@ -31,13 +31,18 @@ def _from_pairs(a: np.ndarray, like: torch.Tensor, shape: tuple[int, int]) -> to
 
 
 class LowRankDown(Codec, name="lowrank_down"):
+    @staticmethod
+    def _tiled(down: torch.Tensor) -> np.ndarray:
+        """(R, I) as int32 pairs, axes permuted into the packed order (ct, rt, l, q, s, t): a strided view."""
+        r, c = down.shape
+        _check(r, c, "proj_down")
+        return _pairs(down).reshape(r // 16, 2, 8, c // 16, 2, 4).transpose(3, 0, 2, 5, 1, 4)  # from rt,s,l,ct,t,q
+
     @classmethod
     def pack(cls, down: torch.Tensor) -> torch.Tensor:
         """(R, I) -> (I, R)."""
         r, c = down.shape
-        _check(r, c, "proj_down")
-        a = _pairs(down).reshape(r // 16, 2, 8, c // 16, 2, 4)  # rt, s, l, ct, t, q
-        return _from_pairs(a.transpose(3, 0, 2, 5, 1, 4), down, (c, r))
+        return _from_pairs(cls._tiled(down), down, (c, r))
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> torch.Tensor:
@@ -49,13 +54,17 @@ class LowRankDown(Codec, name="lowrank_down"):
 
 
 class LowRankUp(Codec, name="lowrank_up"):
+    @staticmethod
+    def _tiled(up: torch.Tensor) -> np.ndarray:
+        c, r = up.shape
+        _check(r, c, "proj_up")
+        return _pairs(up).reshape(c // 16, 2, 8, r // 16, 2, 4).transpose(0, 3, 2, 5, 1, 4)  # from ct,s,l,rt,t,q
+
     @classmethod
     def pack(cls, up: torch.Tensor) -> torch.Tensor:
         """(O, R) -> (O, R)."""
         c, r = up.shape
-        _check(r, c, "proj_up")
-        a = _pairs(up).reshape(c // 16, 2, 8, r // 16, 2, 4)  # ct, s, l, rt, t, q
-        return _from_pairs(a.transpose(0, 3, 2, 5, 1, 4), up, (c, r))
+        return _from_pairs(cls._tiled(up), up, (c, r))
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> torch.Tensor:
@@ -86,12 +95,13 @@ def append_packed(packed: torch.Tensor, extra: torch.Tensor | None, down: bool, 
     c, r0 = packed.shape
     r = 0 if extra is None else (extra.shape[0] if down else extra.shape[1])
     require(r % 16 == 0 and r0 + r <= rank and rank % 16 == 0, f"cannot append rank {r} to {r0} within {rank}")
+    require(packed.device.type == "cpu", "append_packed works on cpu tensors")
     out = packed.new_empty(c, rank)
-    ov = out.view(c // 16, rank // 16, 256)
-    ov[:, : r0 // 16] = packed.reshape(c // 16, r0 // 16, 256)
-    if r:
-        new = (LowRankDown if down else LowRankUp).pack(extra)
-        ov[:, r0 // 16: (r0 + r) // 16] = new.reshape(c // 16, r // 16, 256)
+    ov = _pairs(out).reshape(c // 16, rank // 16, 128)  # numpy view of `out`, in int32 pairs
+    ov[:, : r0 // 16] = _pairs(packed).reshape(c // 16, r0 // 16, 128)
+    if r:  # permuted straight into its place: no packed temporary
+        ov[:, r0 // 16: (r0 + r) // 16].reshape(c // 16, r // 16, 8, 4, 2, 2)[...] = \
+            (LowRankDown if down else LowRankUp)._tiled(extra)
     ov[:, (r0 + r) // 16:] = 0
     return out
 
