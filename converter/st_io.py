@@ -268,8 +268,8 @@ class _DirectStager:
     If the filesystem accepts the open but refuses such writes (EINVAL), everything goes through the
     ordinary descriptor instead, from the failed write on."""
 
-    def __init__(self, direct_fd: int, fd: int, size: int = STAGE_BYTES, count: int = STAGES,
-                 writers: int = DIRECT_WRITERS):
+    def __init__(self, direct_fd: int, fd: int):
+        size, count, writers = STAGE_BYTES, STAGES, DIRECT_WRITERS
         self.direct_fd, self.fd, self.size = direct_fd, fd, size
         self.direct_ok = True
         self.error: BaseException | None = None
