@@ -205,7 +205,8 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
             transformer.close()
         gc.unfreeze()
     secs = round(time.perf_counter() - t0, 3)
-    return [{"seconds": secs, "output": j.out_path, "output_bytes": os.path.getsize(j.out_path)} for j in jobs]
+    return [{"seconds": secs, "output": j.out_path, "output_bytes": os.path.getsize(j.out_path),
+             "write_mode": "direct" if j.writer.direct else "buffered"} for j in jobs]
 
 
 def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:

@@ -150,5 +150,6 @@ def render(rep: dict, verbose: bool = False) -> str:
     if rep.get("dry_run"):
         lines.append(f"dry run  nothing written; output would be about {human_bytes(rep['expected_output_bytes'])}")
     elif rep.get("output"):
-        lines.append(f"wrote    {rep['output']} ({human_bytes(rep['output_bytes'])}) in {rep['seconds']:.1f} s")
+        how = {"direct": ", direct I/O", "buffered": ""}.get(rep.get("write_mode", ""), "")
+        lines.append(f"wrote    {rep['output']} ({human_bytes(rep['output_bytes'])}) in {rep['seconds']:.1f} s{how}")
     return "\n".join(lines)

@@ -477,7 +477,7 @@ def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, anon_cap: i
     if rc == 0 and name.startswith("merge"):
         try:
             rep = json.loads(stdout_p.read_text())
-            res.extra |= {"merge_seconds": rep.get("seconds"), "rank": rep.get("rank"),
+            res.extra |= {"merge_seconds": rep.get("seconds"), "write_mode": rep.get("write_mode"), "rank": rep.get("rank"),
                          "expected_output_bytes": rep.get("expected_output_bytes"),
                          "layers_summary": rep.get("layers_summary")}
         except (json.JSONDecodeError, OSError):
@@ -518,7 +518,8 @@ def render(machine: dict, files: dict, results: list[Result]) -> str:
     for r in results:
         ms = r.extra.get("layers_summary", {}) if r.extra else {}
         if r.extra and r.extra.get("merge_seconds") is not None:
-            lines.append(f"{r.job}: tool-reported streaming time {r.extra['merge_seconds']:.1f}s, rank "
+            lines.append(f"{r.job}: tool-reported streaming time {r.extra['merge_seconds']:.1f}s "
+                         f"({r.extra.get('write_mode') or '?'} writes), rank "
                          f"{(r.extra.get('rank') or {}).get('from')} -> {(r.extra.get('rank') or {}).get('to')}"
                          + (f", modulation {ms['modulation']}" if ms and "modulation" in ms else ""))
     return "\n".join(lines)
