@@ -59,6 +59,53 @@ def lower_thread_priority() -> None:
         pass
 
 
+class _FileHashes:
+    """sha256 of files, each computed once per process on a lowest-priority thread (sha256 costs ~4 s of CPU
+    per GB on the 2-core machine measured: the merge's own threads go first). Keyed by the file's identity
+    (device, inode, size, mtime), so a file changed in between is hashed again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple, tuple[threading.Thread, dict]] = {}
+
+    def start(self, path: str) -> tuple:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key not in self._jobs:
+                out: dict = {}
+                t = threading.Thread(target=self._hash, args=(path, out), name=f"sha256 {os.path.basename(path)}",
+                                     daemon=True)
+                t.start()
+                self._jobs[key] = (t, out)
+            return self._jobs[key]
+
+    @staticmethod
+    def _hash(path: str, out: dict) -> None:
+        lower_thread_priority()
+        try:
+            h = hashlib.sha256()
+            buf = bytearray(8 << 20)
+            view = memoryview(buf)
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+            out["sha256"] = h.hexdigest()
+        except OSError as e:
+            out["error"] = MergeError(f"cannot read {path} to hash it: {e.strerror}")
+
+    @staticmethod
+    def result(job: tuple) -> str:
+        t, out = job
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["sha256"]
+
+
+_FILE_HASHES = _FileHashes()
+
+
 @dataclass
 class LoraModule:
     name: str  # after prefix stripping; dotted, or underscore form if `underscore`
@@ -78,37 +125,23 @@ class LoraFile:
     default_alpha: float | None = None  # from diffusers' lora_adapter_metadata, when present
     rslora: bool = False
     _sha256: str | None = None
-    _hasher: threading.Thread | None = None
+    _hasher: tuple | None = None  # the pending hash (see _FileHashes)
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
     def hash_in_background(self) -> None:
-        """Start hashing the file on a thread (hashlib and reads release the GIL): it overlaps the merge."""
+        """Start hashing the file on a thread (hashlib and reads release the GIL): it overlaps the merge.
+        One hash per file and process: a batch naming a LoRA in several outputs hashes it once."""
         if self._sha256 is None and self._hasher is None:
-            self._hasher = threading.Thread(target=self._hash, args=(True,), name=f"sha256 {self.name}",
-                                            daemon=True)
-            self._hasher.start()
-
-    def _hash(self, background: bool = False) -> None:
-        if background:
-            lower_thread_priority()  # sha256 is ~4 s of CPU per GB here: let the merge's own threads go first
-        h = hashlib.sha256()
-        buf = bytearray(8 << 20)
-        view = memoryview(buf)
-        with open(self.path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-        self._sha256 = h.hexdigest()
+            self._hasher = _FILE_HASHES.start(self.path)
 
     @property
     def sha256(self) -> str:
-        if self._hasher is not None:
-            self._hasher.join()
-            self._hasher = None
         if self._sha256 is None:
-            self._hash()
+            self._sha256 = _FILE_HASHES.result(self._hasher or _FILE_HASHES.start(self.path))
+            self._hasher = None
         return self._sha256
 
     def tensor(self, key: str) -> torch.Tensor:

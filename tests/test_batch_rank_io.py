@@ -57,6 +57,34 @@ def test_batch_plan_file_and_output_sets(qwen, tmp_path):
     assert quant_rank(tmp_path / "o3.safetensors") == 48 and quant_rank(tmp_path / "o2.safetensors") == 80
 
 
+def test_provenance_hash_once_per_file(qwen, tmp_path, monkeypatch):
+    """Each output records the LoRA's true sha256; a LoRA named by several outputs is hashed once."""
+    import hashlib
+
+    import converter.lora as lora_mod
+
+    base, truth = qwen
+    _loras(truth, tmp_path)
+    hashes = lora_mod._FileHashes()
+    calls = []
+    real = lora_mod._FileHashes._hash
+
+    def counting(path, out):
+        calls.append(path)
+        real(path, out)
+
+    monkeypatch.setattr(lora_mod, "_FILE_HASHES", hashes)
+    monkeypatch.setattr(lora_mod._FileHashes, "_hash", staticmethod(counting))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    run("batch", base, "--output-set", f"{tmp_path / 'x.safetensors'}={a}:0.5,{b}",
+        "--output-set", f"{tmp_path / 'y.safetensors'}={a}:-1", "-q")
+    assert sorted(calls) == sorted([str(a), str(b)])
+    for out, files in (("x", [a, b]), ("y", [a])):
+        with Checkpoint(tmp_path / f"{out}.safetensors") as c:
+            prov = json.loads(c.metadata["qwenlora_merge"])
+        assert [l["sha256"] for l in prov["loras"]] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+
 def test_batch_toml_and_all_or_nothing(qwen, tmp_path):
     base, truth = qwen
     _loras(truth, tmp_path)
