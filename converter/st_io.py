@@ -72,10 +72,32 @@ def _encode(dtype: str, value: float) -> bytes | None:
     return None
 
 
+_SEEK_LOCK = threading.Lock()  # positioned I/O emulated with seek + read/write (systems without pread)
+
+
+def _pread_into(fd: int, view: memoryview, pos: int) -> int:
+    """Read into `view` from file offset `pos` without a shared file position (threads read at once)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], pos)
+    with _SEEK_LOCK:  # e.g. Windows
+        os.lseek(fd, pos, os.SEEK_SET)
+        data = os.read(fd, len(view))
+    view[:len(data)] = data
+    return len(data)
+
+
+def _pwrite(fd: int, view: memoryview, pos: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, view, pos)
+    with _SEEK_LOCK:
+        os.lseek(fd, pos, os.SEEK_SET)
+        return os.write(fd, view)
+
+
 def _pwrite_all(fd: int, data, pos: int) -> None:
     view = memoryview(data).cast("B")
     while view:
-        n = os.pwrite(fd, view, pos)
+        n = _pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
 
 
@@ -163,7 +185,7 @@ class Checkpoint:
         view = memoryview(buf)
         got = 0
         while got < info.nbytes:
-            n = os.preadv(self._f.fileno(), [view[got:]], info.start + got)
+            n = _pread_into(self._f.fileno(), view[got:], info.start + got)
             if n <= 0:
                 raise MergeError(f"{self.path}: unexpected end of file reading {name}")
             got += n
@@ -218,7 +240,7 @@ class Checkpoint:
             pos, dst, left = pos + n, dst + n, left - n
         view = memoryview(buf if buf is not None else bytearray(min(left, COPY_CHUNK)))
         while left:
-            got = os.preadv(fd, [view[:min(left, len(view))]], pos)
+            got = _pread_into(fd, view[:min(left, len(view))], pos)
             if got <= 0:
                 raise MergeError(f"{self.path}: unexpected end of file reading {name}")
             _pwrite_all(out_fd, view[:got], dst)
@@ -305,7 +327,7 @@ class _DirectStager:
     def add_from_file(self, fd: int, pos: int, n: int, what: str) -> None:
         while n:
             room = self._room()
-            got = os.preadv(fd, [room[:min(len(room), n)]], pos)
+            got = _pread_into(fd, room[:min(len(room), n)], pos)
             if got <= 0:
                 raise MergeError(f"unexpected end of file reading {what}")
             self._fill += got
@@ -391,7 +413,7 @@ class StreamingWriter:
         folder = os.path.dirname(os.path.abspath(self.path))
         fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=folder)
         self._fd = fd
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; the merged file is an ordinary, shareable file
+        os.chmod(self.tmp_path, _FILE_MODE)  # mkstemp makes 0600; the merged file is an ordinary, shareable one
         self._direct_fd = _open_direct(self.tmp_path) if direct else -1
         self._stager: _DirectStager | None = None
         try:

@@ -126,6 +126,19 @@ def test_buffered_without_kernel_copy(tmp_path, monkeypatch):
     _check_loads(tmp_path / "o.safetensors", tensors, {})
 
 
+def test_without_positioned_io(tmp_path, monkeypatch):
+    """Systems without pread/pwrite/copy_file_range/O_DIRECT (Windows): seek + read/write under a lock."""
+    for name in ("preadv", "pwrite", "copy_file_range", "O_DIRECT"):
+        monkeypatch.delattr(os, name, raising=False)
+    monkeypatch.setattr(io, "_kernel_copy", [False])
+    p, tensors = _source(tmp_path)
+    changed = {"c.f16": -tensors["c.f16"]}
+    with Checkpoint(p) as src:
+        w = _write(src, tmp_path / "o.safetensors", True, changed)
+        assert not w.direct and torch.equal(src.get("a.big"), tensors["a.big"])
+    _check_loads(tmp_path / "o.safetensors", tensors, changed)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_abort_leaves_nothing(tmp_path, small_stages, direct):
     p, _ = _source(tmp_path)
