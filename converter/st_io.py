@@ -118,10 +118,6 @@ class TensorInfo:
         return DTYPE_SIZES[self.dtype]
 
 
-def _itemsize(dtype: str) -> int:
-    return DTYPE_SIZES[dtype]
-
-
 class Checkpoint:
     """A safetensors file opened for header inspection and tensor-by-tensor reads."""
 
@@ -165,7 +161,7 @@ class Checkpoint:
                 raise MergeError(f"{bad} (bad entry for {name!r})") from None
             if dtype not in DTYPE_SIZES:
                 raise MergeError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            if b - a != math.prod(shape) * _itemsize(dtype) or self.data_start + b > size or a < 0:
+            if b - a != math.prod(shape) * DTYPE_SIZES[dtype] or self.data_start + b > size or a < 0:
                 raise MergeError(f"{bad} (tensor {name!r} has inconsistent offsets; truncated file?)")
             infos.append(TensorInfo(name, dtype, shape, self.data_start + a, b - a))
         infos.sort(key=lambda t: t.start)
@@ -499,7 +495,7 @@ class StreamingWriter:
                             st.add_bytes(payload)
                         else:
                             _pwrite_all(self._fd, payload, pos)
-                        n = len(payload) if kind == "raw" else payload.nbytes
+                        n = payload.nbytes
                     if st is not None and st.error is not None:
                         raise st.error
                     if self._progress:
@@ -514,7 +510,7 @@ class StreamingWriter:
 
     @staticmethod
     def _held(kind: str, payload) -> int:
-        return 0 if kind == "copy" else (len(payload) if kind == "raw" else payload.nbytes)
+        return 0 if kind == "copy" else payload.nbytes
 
     def _put(self, kind: str, payload, extra, pos: int) -> None:
         if self._error is not None:
@@ -554,9 +550,6 @@ class StreamingWriter:
 
     def copy_tensor(self, name: str, src: Checkpoint) -> None:
         self._put("copy", src, name, self._expect(name, src.tensors[name].nbytes))
-
-    def write_raw(self, name: str, data: bytes | bytearray) -> None:
-        self._put("raw", data, None, self._expect(name, len(data)))
 
     def finish(self, check: Callable[[str], None] | None = None) -> None:
         """Complete and fsync the temp file, then run `check(temp_path)` on it."""

@@ -562,7 +562,7 @@ def main(argv=None) -> int:
     lora = wd / f"lora-diffusers-r{a.lora_rank}-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
     out = wd / "out.safetensors"
     t_base = generate(base, base_specs(a.blocks, a.rank), base_metadata(a.blocks, a.rank), base_tensor, a.seed, log)
-    t_lora = generate(lora, lora_specs(a.blocks, a.lora_rank), {"format": "pt"}, lora_tensor, a.seed + 1, log)
+    generate(lora, lora_specs(a.blocks, a.lora_rank), {"format": "pt"}, lora_tensor, a.seed + 1, log)
     base_size, lora_size = base.stat().st_size, lora.stat().st_size
     if a.generate_only:
         log(f"base {base} ({base_size / 1e9:.2f} GB), LoRA {lora} ({lora_size / 1e9:.2f} GB)")

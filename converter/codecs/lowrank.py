@@ -104,10 +104,3 @@ def append_packed(packed: torch.Tensor, extra: torch.Tensor | None, down: bool, 
             (LowRankDown if down else LowRankUp)._tiled(extra)
     ov[:, (r0 + r) // 16:] = 0
     return out
-
-
-def packed_tail(packed: torch.Tensor, r0: int, down: bool) -> torch.Tensor:
-    """The logical rank columns r0: of a packed branch (the part a merge appended)."""
-    c, r = packed.shape
-    tail = packed.reshape(c // 16, r // 16, 256)[:, r0 // 16:].reshape(c, r - r0)
-    return (LowRankDown if down else LowRankUp).unpack(tail)
