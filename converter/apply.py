@@ -15,7 +15,7 @@ from .codecs.svdq_scales import PackedVector
 from .errors import MergeError
 from .lora import LoraFile
 from .model import Layer
-from .planner import Contribution, LayerOp
+from .planner import Contribution, LayerOp, round16
 from .st_io import DTYPES, Checkpoint
 
 
@@ -102,6 +102,16 @@ def _probes(n: int, k: int) -> torch.Tensor:
     return _PROBES[(n, k)]
 
 
+def _probe_rows(out_rows: int) -> slice:
+    return slice(None, None, max(1, out_rows // 1024))  # rounding noise is alike in every row
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(||got − want|| / ||want||, ||want||)."""
+    ref = float(want.norm())
+    return (float((got - want).norm()) / ref if ref else 0.0), ref
+
+
 def lowrank_error(u_app: torch.Tensor, d_app: torch.Tensor, f: Factors, probes: int = 0) -> tuple[float, float]:
     """(||U_app·D_app − ΔW|| / ||ΔW||, ||ΔW||) with ΔW = f.up·f.down, through r×r Gram matrices only.
 
@@ -114,11 +124,9 @@ def lowrank_error(u_app: torch.Tensor, d_app: torch.Tensor, f: Factors, probes: 
     cancels and fp32 suffices; otherwise (truncated or foreign) the general stacked form runs in fp64."""
     if probes:
         omega = _probes(f.down.shape[1], probes)
-        rows = slice(None, None, max(1, f.up.shape[0] // 1024))  # rounding noise is alike in every row
-        want = f.up[rows] @ (f.down @ omega)
-        got = u_app[rows].float() @ (d_app.float() @ omega)
-        ref = float(want.norm())
-        return (float((got - want).norm()) / ref if ref else 0.0), ref / probes ** 0.5
+        rows = _probe_rows(f.up.shape[0])
+        err, ref = _relative(u_app[rows].float() @ (d_app.float() @ omega), f.up[rows] @ (f.down @ omega))
+        return err, ref / probes ** 0.5
     r = f.down.shape[0]
     gu = f.up.T @ f.up
     ref2 = float((gu * (f.down @ f.down.T)).sum())
@@ -190,13 +198,9 @@ def _direct_error(down: torch.Tensor, up: torch.Tensor, cols: list[tuple[int, Co
     if all(c.scale == 1.0 for _, c in cols):
         return 0.0
     omega = _probes(down.shape[1], probes)
-    rows = slice(None, None, max(1, up.shape[0] // 1024))
-    u = up[rows].float()
+    u = up[_probe_rows(up.shape[0])].float()
     ideal = torch.cat([(loras[c.lora].ckpt.get(c.a_key).float() @ omega) * c.scale for _, c in cols])
-    want = u[:, :ideal.shape[0]] @ ideal
-    got = u @ (down.float() @ omega)
-    ref = float(want.norm())
-    return float((got - want).norm()) / ref if ref else 0.0
+    return _relative(u @ (down.float() @ omega), u[:, :ideal.shape[0]] @ ideal)[0]
 
 
 def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: list[LoraFile], rank: int
@@ -211,7 +215,7 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
     rec = None
     d_add = u_add = None
     low_rank = sum(c.rank for c in op.contributions if c.kind == "lowrank" and c.shares_a_with is None) if op else 0
-    direct = _direct_parts(op, loras, pd.dtype, (low_rank + 15) // 16 * 16) if op and low_rank <= room else None
+    direct = _direct_parts(op, loras, pd.dtype, round16(low_rank)) if op and low_rank <= room else None
     if direct is not None:  # the common case: no fp32 factors at all
         d_add, u_add, cols = direct
         _check_finite(layer.prefix, d_add)
@@ -223,9 +227,8 @@ def apply_lowrank(op: LayerOp | None, layer: Layer, base: Checkpoint, loras: lis
         if f.down.shape[0] > room:
             f, dropped = truncate(f, room)
         r = f.down.shape[0]
-        used = (r + 15) // 16 * 16
-        d_add = pd.new_zeros(used, layer.in_features)
-        u_add = pu.new_zeros(layer.out_features, used)
+        d_add = pd.new_zeros(round16(r), layer.in_features)
+        u_add = pu.new_zeros(layer.out_features, round16(r))
         d_add[:r].copy_(_check_finite(layer.prefix, f.down))
         u_add[:, :r].copy_(_check_finite(layer.prefix, f.up))
         err, _ = lowrank_error(u_add if not dropped else u_add.float(), d_add if not dropped else d_add.float(), ideal,

@@ -192,6 +192,36 @@ def preload_torch() -> None:
     threading.Thread(target=load, name="import torch", daemon=True).start()
 
 
+def check_output(base: str, plan, output: str | None, loras: list[str], *, dry_run: bool, overwrite: bool,
+                 taken: list[str]) -> tuple[str, dict]:
+    """The output path of one planned merge (given, or named after base and LoRAs) after every refusal that
+    protects the inputs and other outputs; returns it with the plan's report."""
+    from .lora import parse_spec
+    from .report import plan_report
+
+    lora_paths = [parse_spec(x)[0] for x in loras]
+    out = output or default_output(base, plan.model.precision, plan.new_rank, lora_paths)
+    rep = plan_report(plan, base, os.path.getsize(base))
+    rep["dry_run"] = dry_run
+    rep["output_planned"] = out
+    w = name_warning(out, plan.model.precision, plan.new_rank)
+    if w:
+        rep["warnings"].append(w)
+    if same_file(out, base):
+        raise MergeError("the output path is the base checkpoint; refusing to write over an input")
+    if os.path.exists(out) and any(same_file(out, p) for p in lora_paths):
+        raise MergeError("the output path is one of the LoRA files; refusing to write over an input")
+    if os.path.abspath(out) in {os.path.abspath(t) for t in taken}:
+        raise MergeError(f"two outputs of this run are both {out}")
+    if not dry_run:
+        if os.path.exists(out) and not overwrite:
+            raise MergeError(f"{out} exists; pass --overwrite to replace it")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise MergeError(f"output folder {folder} does not exist")
+    return out, rep
+
+
 def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run: bool, as_json: bool,
              allow_unmapped: bool, overwrite: bool, mod: str, max_rank: int | None, device: str, quiet: bool,
              verbose: bool, debug: bool) -> None:
@@ -199,7 +229,7 @@ def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run:
     from .lora import parse_spec
     from .model import load_model
     from .pipeline import Job, Options, execute_many, open_session
-    from .report import plan_report, render, summarize_layers
+    from .report import render, summarize_layers
     from .st_io import Checkpoint
 
     reports: list[dict] = []
@@ -210,46 +240,20 @@ def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run:
         opts = Options(modulation=mod, allow_unmapped=allow_unmapped, device=device, progress=Progress(not quiet))
         with Checkpoint(base) as ckpt:
             model = load_model(ckpt)
-            jobs, seen = [], set()
+            jobs: list = []
             try:
                 for output, loras in entries:
-                    for spec in loras:
-                        p, _ = parse_spec(spec)
+                    for p in (parse_spec(x)[0] for x in loras):
                         if same_file(p, base):
                             raise MergeError(f"the LoRA {p} is the base checkpoint itself")
                     s = open_session(ckpt, loras, opts, model=model, max_rank=max_rank)
-                    jobs.append(Job(s, ""))
-                    plan = s.plan
-                    out = output or default_output(base, plan.model.precision, plan.new_rank,
-                                                   [parse_spec(x)[0] for x in loras])
-                    jobs[-1].out_path = out
-                    rep = plan_report(plan, base, os.path.getsize(base))
-                    rep["dry_run"] = dry_run
-                    rep["output_planned"] = out
-                    w = name_warning(out, plan.model.precision, plan.new_rank)
-                    if w:
-                        rep["warnings"].append(w)
-                    if same_file(out, base):
-                        raise MergeError("the output path is the base checkpoint; refusing to write over an input")
-                    for spec in loras:
-                        if os.path.exists(out) and same_file(out, parse_spec(spec)[0]):
-                            raise MergeError("the output path is one of the LoRA files; refusing to write over an input")
-                    key = os.path.abspath(out)
-                    if key in seen:
-                        raise MergeError(f"two outputs of this run are both {out}")
-                    seen.add(key)
-                    if not dry_run:
-                        if os.path.exists(out) and not overwrite:
-                            raise MergeError(f"{out} exists; pass --overwrite to replace it")
-                        folder = os.path.dirname(os.path.abspath(out))
-                        if not os.path.isdir(folder):
-                            raise MergeError(f"output folder {folder} does not exist")
+                    jobs.append(Job(s, ""))  # closed below whatever happens next
+                    jobs[-1].out_path, rep = check_output(base, s.plan, output, loras, dry_run=dry_run,
+                                                          overwrite=overwrite, taken=[j.out_path for j in jobs[:-1]])
                     reports.append(rep)
                 if not dry_run:
                     for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
-                        rep.update(res)
-                        rep["layers"] = j.session.records
-                        rep["layers_summary"] = summarize_layers(j.session.records)
+                        rep |= res | {"layers": j.session.records, "layers_summary": summarize_layers(j.session.records)}
             finally:
                 for j in jobs:
                     for lf in j.session.loras:

@@ -89,8 +89,7 @@ def output_order(base: Checkpoint, plans: list[Plan]) -> list[str]:
         prefix = name.rpartition(".")[0]
         groups.setdefault(prefix, []).append(name)
     changed = {p for p, names in groups.items() if any(n in touched for n in names)}
-    first = [n for n in base.tensors if n.rpartition(".")[0] not in changed]
-    order = list(first)
+    order = [n for n in base.tensors if n.rpartition(".")[0] not in changed]
     for prefix in sorted(changed, key=_natural):
         order += sorted(groups[prefix], key=lambda n: -base.tensors[n].itemsize)  # stable: base order within
     for plan in plans:

@@ -268,10 +268,11 @@ def _detect_shared_a(loras: list[LoraFile], ops: dict[str, LayerOp]) -> None:
                 lf = loras[c.lora]
                 if lf.shape(c.a_key) != lf.shape(d.a_key):
                     continue
-                # bit-identical A (stricter than ==, which would also pair +0.0 with -0.0)
-                a_c = cache.setdefault(i, lf.ckpt.read_bytes(c.a_key))
-                a_d = cache.setdefault(j, lf.ckpt.read_bytes(d.a_key))
-                if lf.ckpt.tensors[c.a_key].dtype == lf.ckpt.tensors[d.a_key].dtype and a_c == a_d:
+                # bit-identical A (stricter than ==, which would also pair +0.0 with -0.0); each A read once
+                for k, key in ((i, c.a_key), (j, d.a_key)):
+                    if k not in cache:
+                        cache[k] = lf.ckpt.read_bytes(key)
+                if lf.ckpt.tensors[c.a_key].dtype == lf.ckpt.tensors[d.a_key].dtype and cache[i] == cache[j]:
                     c.shares_a_with = j
                     break
 

@@ -34,13 +34,19 @@ _TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I3
                 "F8_E5M2": "float8_e5m2"}
 
 
-def __getattr__(name: str):
-    if name in ("DTYPES", "DTYPE_NAMES"):
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """(DTYPES, DTYPE_NAMES), made on first use and then plain module attributes."""
+    if "DTYPES" not in globals():
         import torch
 
         dtypes = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
         globals()["DTYPES"], globals()["DTYPE_NAMES"] = dtypes, {v: k for k, v in dtypes.items()}
-        return globals()[name]
+    return globals()["DTYPES"], globals()["DTYPE_NAMES"]
+
+
+def __getattr__(name: str):
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        return _torch_dtypes()[name == "DTYPE_NAMES"]
     raise AttributeError(name)
 
 
@@ -86,6 +92,15 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> int:
     return len(data)
 
 
+def _read_exact(fd: int, view: memoryview, pos: int, what: str) -> None:
+    """Fill `view` from file offset `pos` (positioned reads may return short)."""
+    while view:
+        n = _pread_into(fd, view, pos)
+        if n <= 0:
+            raise MergeError(f"unexpected end of file reading {what}")
+        view, pos = view[n:], pos + n
+
+
 def _pwrite(fd: int, view: memoryview, pos: int) -> int:
     if hasattr(os, "pwrite"):
         return os.pwrite(fd, view, pos)
@@ -111,7 +126,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> "torch.dtype":
-        return __getattr__("DTYPES")[self.dtype]
+        return _torch_dtypes()[0][self.dtype]
 
     @property
     def itemsize(self) -> int:
@@ -178,13 +193,7 @@ class Checkpoint:
     def read_bytes(self, name: str) -> bytearray:
         info = self.tensors[name]
         buf = bytearray(info.nbytes)
-        view = memoryview(buf)
-        got = 0
-        while got < info.nbytes:
-            n = _pread_into(self._f.fileno(), view[got:], info.start + got)
-            if n <= 0:
-                raise MergeError(f"{self.path}: unexpected end of file reading {name}")
-            got += n
+        _read_exact(self._f.fileno(), memoryview(buf), info.start, f"{self.path}: {name}")
         return buf
 
     def scalar(self, name: str) -> float:
@@ -236,11 +245,10 @@ class Checkpoint:
             pos, dst, left = pos + n, dst + n, left - n
         view = memoryview(buf if buf is not None else bytearray(min(left, COPY_CHUNK)))
         while left:
-            got = _pread_into(fd, view[:min(left, len(view))], pos)
-            if got <= 0:
-                raise MergeError(f"{self.path}: unexpected end of file reading {name}")
-            _pwrite_all(out_fd, view[:got], dst)
-            pos, dst, left = pos + got, dst + got, left - got
+            k = min(left, len(view))
+            _read_exact(fd, view[:k], pos, f"{self.path}: {name}")
+            _pwrite_all(out_fd, view[:k], dst)
+            pos, dst, left = pos + k, dst + k, left - k
         return info.nbytes
 
     def fileno(self) -> int:
@@ -323,12 +331,11 @@ class _DirectStager:
     def add_from_file(self, fd: int, pos: int, n: int, what: str) -> None:
         while n:
             room = self._room()
-            got = _pread_into(fd, room[:min(len(room), n)], pos)
-            if got <= 0:
-                raise MergeError(f"unexpected end of file reading {what}")
-            self._fill += got
-            pos += got
-            n -= got
+            k = min(len(room), n)
+            _read_exact(fd, room[:k], pos, what)
+            self._fill += k
+            pos += k
+            n -= k
 
     def close(self) -> None:
         """Write the last, partial buffer (padded to a block: the caller truncates) and stop the writers."""
@@ -543,7 +550,7 @@ class StreamingWriter:
     def write_tensor(self, name: str, t: torch.Tensor) -> None:
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         if spec is not None and spec.name == name:
-            if __getattr__("DTYPE_NAMES").get(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
+            if _torch_dtypes()[1].get(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
                 raise RuntimeError(f"writer: {name} is {t.dtype}{tuple(t.shape)}, declared {spec.dtype}{spec.shape}")
         data = tensor_bytes(t)
         self._put("view", data, None, self._expect(name, data.nbytes))

@@ -11,7 +11,7 @@ from .apply import apply_dense, apply_lowrank, delta_bias, lowrank_factors
 from .codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
 from .errors import MergeError
 from .lora import LoraFile
-from .model import Layout, Model
+from .model import Model
 from .planner import LayerOp
 from .st_io import Checkpoint
 
@@ -132,31 +132,24 @@ class LayerTransformer:
         return self._ctx
 
     def __call__(self, s, prefix: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-        heavy = s.model.layers[prefix].layout == Layout.AWQ_W4A16
-        torch.set_num_threads(self._threads if heavy else 1)
+        """The new tensors of layer `prefix` under session `s`'s plan, and its fidelity record."""
+        plan, layer = s.plan, s.model.layers[prefix]
+        op = plan.ops.get(prefix)
+        if layer.layout.is_svdq:  # every W4A4 layer: its rank follows the plan even without a LoRA
+            out, rec = apply_lowrank(op, layer, s.base, s.loras, plan.new_rank)
+            return out, ({"layer": prefix, "method": "lowrank_append"} | rec) if rec else None
+        if op is None:
+            return {}, None
+        if op.method != "modulation":
+            out, rec = apply_dense(op, s.base, s.loras, self.device)
+            return out, {"layer": prefix, "method": op.method} | rec
+        torch.set_num_threads(self._threads)  # the modulation layers' big products get every thread
         try:
-            return transform_layer(s, prefix, self.context, self.device)
+            out, rec = apply_modulation(op, s.base, s.loras, self.context(),
+                                        by_name(s.model.family).modulation_splits(prefix), plan.modulation_mode)
         finally:
             torch.set_num_threads(1)
+        return out, {"layer": prefix, "method": "modulation"} | rec
 
     def close(self) -> None:
         torch.set_num_threads(self._threads)
-
-
-def transform_layer(s, prefix: str, ctx_getter, device: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    plan = s.plan
-    op = plan.ops.get(prefix)
-    layer = s.model.layers[prefix]
-    if layer.layout.is_svdq:
-        out, rec = apply_lowrank(op, layer, s.base, s.loras, plan.new_rank)
-        return out, ({"layer": prefix, "method": "lowrank_append"} | rec) if rec else None
-    if op is None:
-        return {}, None
-    if op.method == "modulation":
-        out, rec = apply_modulation(op, s.base, s.loras, ctx_getter(), by_name(s.model.family).modulation_splits(prefix),
-                                    plan.modulation_mode)
-        return out, {"layer": prefix, "method": "modulation"} | rec
-    out, rec = apply_dense(op, s.base, s.loras, device)
-    return out, {"layer": prefix, "method": op.method} | rec
-
-
