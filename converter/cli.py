@@ -8,11 +8,13 @@ import re
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import click
 
 from . import __version__
 from .errors import MergeError
+from .planner import MODULATION_MODES
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_UNMAPPED, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 NAME_RX = re.compile(r"^svdq-(int4|fp4)_r(\d+)-(.+)$")
@@ -123,30 +125,55 @@ def main() -> None:
     """
 
 
+@dataclass
+class RunSettings:
+    """The options `merge` and `batch` share."""
+
+    dry_run: bool = False
+    as_json: bool = False
+    allow_unmapped: bool = False
+    overwrite: bool = False
+    mod: str = "calibrated"
+    max_rank: int | None = None
+    device: str = "cpu"
+    quiet: bool = False
+    verbose: bool = False
+    debug: bool = False
+
+
+def run_options(f):
+    """The click options of RunSettings, in the order --help shows them."""
+    opts = [
+        click.option("--dry-run", is_flag=True, help="Print the plan and key accounting; write nothing."),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout (all layers)."),
+        click.option("--allow-unmapped", is_flag=True,
+                     help="Merge what can be merged even if some LoRA keys have no target (they are listed)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output (never BASE or a LoRA)."),
+        click.option("--mod", type=click.Choice(MODULATION_MODES), default="calibrated", show_default=True,
+                     help="AWQ modulation layers (img_mod.1/txt_mod.1): requantize calibrated on the timestep "
+                          "manifold, plain requantization, fold the mean effect into the bias only, or leave them "
+                          "unchanged. A layer is never written worse than unchanged."),
+        click.option("--max-rank", type=int, default=None,
+                     help="Cap the uniform W4A4 rank (multiple of 16): a layer whose LoRA part does not fit keeps its "
+                          "best approximation (truncated SVD); the dropped fraction is reported per layer. "
+                          "Default: exact."),
+        click.option("--device", default="cpu", show_default=True, help="Device for the maths, e.g. cuda."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr)."),
+        click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key."),
+        click.option("--debug", is_flag=True, hidden=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @main.command("merge")
 @click.argument("base", type=click.Path(exists=True, dir_okay=False))
 @click.argument("loras", nargs=-1, required=True, metavar="LORA[:STRENGTH]...")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output file. Default: next to BASE, named svdq-<precision>_r<NEW_RANK>-<base>+<loras>.safetensors.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and key accounting; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout (all layers).")
-@click.option("--allow-unmapped", is_flag=True,
-              help="Merge what can be merged even if some LoRA keys have no target (they are listed).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never BASE or a LoRA).")
-@click.option("--mod", "mod", type=click.Choice(["calibrated", "requant", "biasfold", "skip"]), default="calibrated",
-              show_default=True,
-              help="AWQ modulation layers (img_mod.1/txt_mod.1): requantize calibrated on the timestep manifold, plain "
-                   "requantization, fold the mean effect into the bias only, or leave them unchanged. A layer is never "
-                   "written worse than unchanged.")
-@click.option("--max-rank", type=int, default=None,
-              help="Cap the uniform W4A4 rank (multiple of 16): a layer whose LoRA part does not fit keeps its best "
-                   "approximation (truncated SVD); the dropped fraction is reported per layer. Default: exact.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the maths, e.g. cuda.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr).")
-@click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key.")
-@click.option("--debug", is_flag=True, hidden=True)
-def merge_cmd(base, loras, output, dry_run, as_json, allow_unmapped, overwrite, mod, max_rank, device, quiet, verbose,
-              debug):
+@run_options
+def merge_cmd(base, loras, output, **settings):
     """Merge LORA files into the Nunchaku checkpoint BASE.
 
     Each LORA may carry a strength after a colon (default 1.0, negative allowed):
@@ -164,8 +191,7 @@ def merge_cmd(base, loras, output, dry_run, as_json, allow_unmapped, overwrite, 
       qwenlora-merge base.safetensors lora.safetensors -o merged.safetensors --dry-run
       qwenlora-merge base.safetensors lora.safetensors -o merged.safetensors --json > report.json
     """
-    run_jobs(base, [(output, list(loras))], dry_run=dry_run, as_json=as_json, allow_unmapped=allow_unmapped,
-             overwrite=overwrite, mod=mod, max_rank=max_rank, device=device, quiet=quiet, verbose=verbose, debug=debug)
+    run_jobs(base, [(output, list(loras))], RunSettings(**settings))
 
 
 def check_device(device: str) -> None:
@@ -196,7 +222,7 @@ def check_output(base: str, plan, output: str | None, loras: list[str], *, dry_r
                  taken: list[str]) -> tuple[str, dict]:
     """The output path of one planned merge (given, or named after base and LoRAs) after every refusal that
     protects the inputs and other outputs; returns it with the plan's report."""
-    from .lora import parse_spec
+    from .lorafile import parse_spec
     from .report import plan_report
 
     lora_paths = [parse_spec(x)[0] for x in loras]
@@ -222,52 +248,66 @@ def check_output(base: str, plan, output: str | None, loras: list[str], *, dry_r
     return out, rep
 
 
-def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], *, dry_run: bool, as_json: bool,
-             allow_unmapped: bool, overwrite: bool, mod: str, max_rank: int | None, device: str, quiet: bool,
-             verbose: bool, debug: bool) -> None:
-    """Plan every (output, loras) entry against one base, then stream the base once for all of them."""
-    from .lora import parse_spec
+def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings, opts,
+               jobs: list) -> list[dict]:
+    """Open and plan every (output, loras) entry against the opened base; appends to `jobs` as it goes (the
+    caller closes their LoRAs whatever happens) and returns the plans' reports."""
+    from .lorafile import parse_spec
     from .model import load_model
-    from .pipeline import Job, Options, execute_many, open_session
-    from .report import render, summarize_layers
-    from .st_io import Checkpoint
+    from .pipeline import Job, open_session
 
-    reports: list[dict] = []
-    if not dry_run:
+    model = load_model(ckpt)
+    reports = []
+    for output, loras in entries:
+        for p in (parse_spec(x)[0] for x in loras):
+            if same_file(p, base):
+                raise MergeError(f"the LoRA {p} is the base checkpoint itself")
+        s = open_session(ckpt, loras, opts, model=model)
+        jobs.append(Job(s, ""))
+        jobs[-1].out_path, rep = check_output(base, s.plan, output, loras, dry_run=rs.dry_run,
+                                              overwrite=rs.overwrite, taken=[j.out_path for j in jobs[:-1]])
+        reports.append(rep)
+    return reports
+
+
+def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings) -> None:
+    """Plan every (output, loras) entry against one base, then stream the base once for all of them."""
+    from .pipeline import Options, execute_many
+    from .report import summarize_layers
+    from .st_reader import Checkpoint
+
+    if not rs.dry_run:
         preload_torch()
     try:
-        check_device(device)
-        opts = Options(modulation=mod, allow_unmapped=allow_unmapped, device=device, progress=Progress(not quiet))
+        check_device(rs.device)
+        opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
+                       progress=Progress(not rs.quiet))
         with Checkpoint(base) as ckpt:
-            model = load_model(ckpt)
             jobs: list = []
             try:
-                for output, loras in entries:
-                    for p in (parse_spec(x)[0] for x in loras):
-                        if same_file(p, base):
-                            raise MergeError(f"the LoRA {p} is the base checkpoint itself")
-                    s = open_session(ckpt, loras, opts, model=model, max_rank=max_rank)
-                    jobs.append(Job(s, ""))  # closed below whatever happens next
-                    jobs[-1].out_path, rep = check_output(base, s.plan, output, loras, dry_run=dry_run,
-                                                          overwrite=overwrite, taken=[j.out_path for j in jobs[:-1]])
-                    reports.append(rep)
-                if not dry_run:
+                reports = _plan_jobs(ckpt, base, entries, rs, opts, jobs)
+                if not rs.dry_run:
                     for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
                         rep |= res | {"layers": j.session.records, "layers_summary": summarize_layers(j.session.records)}
             finally:
                 for j in jobs:
-                    for lf in j.session.loras:
-                        lf.ckpt.close()
+                    j.session.close_loras()
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
-        fail(e, debug)
+        fail(e, rs.debug)
         return
-    if as_json:
+    print_reports(reports, rs)
+
+
+def print_reports(reports: list[dict], rs: RunSettings) -> None:
+    from .report import render
+
+    if rs.as_json:
         click.echo(json.dumps(reports[0] if len(reports) == 1 else {"outputs": reports}, indent=1))
-    elif not quiet:
-        click.echo("\n\n".join(render(r, verbose) for r in reports))
-    for r in reports:
-        for w in r["warnings"]:
-            if as_json or quiet:
+    elif not rs.quiet:
+        click.echo("\n\n".join(render(r, rs.verbose) for r in reports))
+    if rs.as_json or rs.quiet:
+        for r in reports:
+            for w in r["warnings"]:
                 click.echo(f"warning: {w}", err=True)
 
 
@@ -321,19 +361,8 @@ def _is_number(s: str) -> bool:
 @click.argument("plan_file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--output-set", "sets", multiple=True, metavar="OUT=LORA[:S][,LORA[:S]...]",
               help="One output and its LoRAs; repeat for more outputs.")
-@click.option("--dry-run", is_flag=True, help="Plan every output; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
-@click.option("--allow-unmapped", is_flag=True, help="As for merge.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--mod", type=click.Choice(["calibrated", "requant", "biasfold", "skip"]), default="calibrated",
-              show_default=True, help="As for merge.")
-@click.option("--max-rank", type=int, default=None, help="As for merge.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("-q", "--quiet", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
-@click.option("--debug", is_flag=True, hidden=True)
-def batch_cmd(base, plan_file, sets, dry_run, as_json, allow_unmapped, overwrite, mod, max_rank, device, quiet, verbose,
-              debug):
+@run_options
+def batch_cmd(base, plan_file, sets, **settings):
     """Write several merged files from one BASE, reading BASE once.
 
     \b
@@ -354,10 +383,9 @@ def batch_cmd(base, plan_file, sets, dry_run, as_json, allow_unmapped, overwrite
         if not entries:
             raise MergeError("nothing to do: give a plan file or --output-set")
     except MergeError as e:
-        fail(e, debug)
+        fail(e, settings["debug"])
         return
-    run_jobs(base, entries, dry_run=dry_run, as_json=as_json, allow_unmapped=allow_unmapped, overwrite=overwrite,
-             mod=mod, max_rank=max_rank, device=device, quiet=quiet, verbose=verbose, debug=debug)
+    run_jobs(base, entries, RunSettings(**settings))
 
 
 @main.command("verify")
@@ -402,6 +430,8 @@ def render_verify(res) -> str:
     import statistics
     from collections import defaultdict
 
+    from .layers import by_name
+
     lines = []
     for p in res.contract:
         lines.append(f"contract  {p}")
@@ -409,7 +439,7 @@ def render_verify(res) -> str:
     for l in res.layers:
         by[l["kind"]].append(l)
     for kind, ls in sorted(by.items()):
-        key = "e_mod" if kind == "modulation" else "rel_error"
+        key = by_name(kind).verify_figure
         vals = [l[key] for l in ls if key in l]
         bad = sum(not l["ok"] for l in ls)
         fig = f"{key} median {statistics.median(vals):.3g} max {max(vals):.3g}" if vals else ""

@@ -16,7 +16,8 @@ from .codecs.awq_w4a16 import AwqGroupParams, AwqQWeight
 from .codecs.lowrank import LowRankDown, LowRankUp
 from .codecs.svdq_scales import PackedVector, WScalesInt4
 from .codecs.svdq_weight import SvdqQWeightInt4
-from .st_io import DTYPE_NAMES, OutSpec, StreamingWriter
+from .dtypes import dtype_name
+from .st_writer import OutSpec, StreamingWriter
 
 BF16 = torch.bfloat16
 
@@ -108,7 +109,7 @@ def build_lora(path: str, blocks: int = 2, d: int = 256, rank: int = 16, seed: i
 
 
 def _write(path: str, sd: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    w = StreamingWriter(path, [OutSpec(k, DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in sd.items()], meta)
+    w = StreamingWriter(path, [OutSpec(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in sd.items()], meta)
     for k, t in sd.items():
         w.write_tensor(k, t)
     w.commit()

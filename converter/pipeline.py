@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
 from .errors import MergeError
-from .lora import LoraFile, open_lora
+from .layers import MergeContext, kind_of
+from .lorafile import LoraFile, open_lora
 from .model import Model, load_model
+from .naming import natural
 from .planner import Plan, build_plan, updated_metadata
-from .st_io import Checkpoint, OutSpec, StreamingWriter
-
-MOD_MODES = ("calibrated", "requant", "biasfold", "skip")
+from .st_reader import Checkpoint
+from .st_writer import OutSpec, StreamingWriter
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Options:
     modulation: str = "calibrated"
     allow_unmapped: bool = False
     device: str = "cpu"
+    max_rank: int | None = None
     progress: Callable[[int, int, str], None] | None = None  # (bytes done, bytes total, what)
 
 
@@ -39,15 +40,15 @@ class Session:
 
     def close(self) -> None:
         self.base.close()
+        self.close_loras()
+
+    def close_loras(self) -> None:
         for lf in self.loras:
             lf.ckpt.close()
 
 
-def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, model: Model | None = None,
-                 max_rank: int | None = None) -> Session:
+def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, model: Model | None = None) -> Session:
     """Open (or share) the base, open the LoRAs and build the plan. A shared base stays open on failure."""
-    if opts.modulation not in MOD_MODES:
-        raise MergeError(f"unknown modulation mode {opts.modulation!r}; choose from {', '.join(MOD_MODES)}")
     own = not isinstance(base, Checkpoint)
     ckpt = Checkpoint(base) if own else base
     loras: list[LoraFile] = []
@@ -56,7 +57,7 @@ def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, m
         for spec in lora_specs:
             loras.append(open_lora(spec))
         plan = build_plan(model, loras, allow_unmapped=opts.allow_unmapped, modulation_mode=opts.modulation,
-                          max_rank=max_rank)
+                          max_rank=opts.max_rank)
     except BaseException:
         if own:
             ckpt.close()
@@ -66,12 +67,7 @@ def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, m
     return Session(ckpt, model, loras, plan)
 
 
-# -- streaming execution ----------------------------------------------------------------------------------
-def _natural(s: str) -> tuple:
-    """'blocks.10.x' after 'blocks.9.x': the model's own layer order."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s))
-
-
+# -- the output's layout ------------------------------------------------------------------------------------------
 def output_order(base: Checkpoint, plans: list[Plan]) -> list[str]:
     """The order tensors are written in (loaders index tensors by name; the order is free).
 
@@ -86,11 +82,10 @@ def output_order(base: Checkpoint, plans: list[Plan]) -> list[str]:
     touched = set().union(*(p.touched_keys() for p in plans))
     groups: dict[str, list[str]] = {}
     for name in base.tensors:
-        prefix = name.rpartition(".")[0]
-        groups.setdefault(prefix, []).append(name)
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
     changed = {p for p, names in groups.items() if any(n in touched for n in names)}
     order = [n for n in base.tensors if n.rpartition(".")[0] not in changed]
-    for prefix in sorted(changed, key=_natural):
+    for prefix in sorted(changed, key=natural):
         order += sorted(groups[prefix], key=lambda n: -base.tensors[n].itemsize)  # stable: base order within
     for plan in plans:
         pos = 0
@@ -105,23 +100,10 @@ def output_specs(plan: Plan, base: Checkpoint, order: list[str]) -> list[OutSpec
     return [OutSpec(n, base.tensors[n].dtype, plan.out_shape(n, base.tensors[n].shape)) for n in order]
 
 
-@dataclass
-class Job:
-    """One output of a run: its session (plan) and path; several jobs share one base and one pass over it."""
-
-    session: Session
-    out_path: str
-    specs: list[OutSpec] = field(default_factory=list)
-    meta: dict[str, str] = field(default_factory=dict)
-    touched: set[str] = field(default_factory=set)
-    writer: StreamingWriter | None = None
-    pending: dict[str, dict] = field(default_factory=dict)  # a layer's computed tensors not yet written
-
-
 HASH_PLACEHOLDER = "0" * 64  # same width as a sha256: the header is patched once the hashes are known
 
 
-def _provenance(s: Session, final: bool = True) -> dict:
+def provenance(s: Session, final: bool = True) -> dict:
     return {
         "tool": f"qwenlora-merge {__version__}",
         "loras": [{"file": lf.name, "sha256": lf.sha256 if final else HASH_PLACEHOLDER, "strength": lf.strength,
@@ -129,6 +111,76 @@ def _provenance(s: Session, final: bool = True) -> dict:
         "rank": {"from": s.plan.model.rank, "to": s.plan.new_rank},
         "modulation": s.plan.modulation_mode,
     }
+
+
+def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:
+    """Re-open what was written: same key set, dtypes, shapes and metadata as planned."""
+    with Checkpoint(path) as c:
+        got = {n: (i.dtype, i.shape) for n, i in c.tensors.items()}
+        want = {s.name: (s.dtype, s.shape) for s in specs}
+        if got != want or c.metadata != meta:
+            raise MergeError("the written file does not match the plan (disk full or a concurrent writer?); "
+                             "nothing was written")
+
+
+# -- the streamed pass ------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One output of a run: its session (plan) and path; several jobs share one base and one pass over it."""
+
+    session: Session
+    out_path: str
+
+
+class _Output:
+    """One job's state during the pass: the declared tensors, its writer, and a changed layer's computed
+    tensors until they are written."""
+
+    def __init__(self, job: Job, base: Checkpoint, order: list[str]):
+        self.job, self.plan = job, job.session.plan
+        self.specs = output_specs(self.plan, base, order)
+        self.touched = self.plan.touched_keys()
+        for lf in job.session.loras:
+            lf.hash_in_background()
+        self.meta = updated_metadata(self.plan, provenance(job.session, final=False))
+        self.writer: StreamingWriter | None = None
+        self.pending: dict[str, dict] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(sp.nbytes for sp in self.specs)
+
+    def take(self, name: str, base: Checkpoint, compute: Callable[[_Output, str], dict]) -> None:
+        """Hand tensor `name` to the writer: copied, or computed with its layer (once per layer)."""
+        if name not in self.touched:  # copied in the kernel where it can; the page cache serves later jobs
+            self.writer.copy_tensor(name, base)
+            return
+        prefix = name.rpartition(".")[0]
+        if prefix not in self.pending:
+            self.pending[prefix] = compute(self, prefix)
+        t = self.pending[prefix].pop(name, None)
+        if t is None:
+            self.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
+        else:
+            self.writer.write_tensor(name, t)
+        if not self.pending[prefix]:
+            del self.pending[prefix]
+
+    def finish(self) -> None:
+        self.meta = updated_metadata(self.plan, provenance(self.job.session))
+        self.writer.patch_metadata(self.meta)
+        self.writer.finish(check=lambda tmp: post_write_check(tmp, self.specs, self.meta))
+
+
+def _progress(opts: Options, total: int) -> Callable[[int], None]:
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if opts.progress:
+            opts.progress(done[0], total, "")
+
+    return step
 
 
 def execute(s: Session, out_path: str, opts: Options) -> dict:
@@ -141,78 +193,44 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
     paths = [os.path.abspath(j.out_path) for j in jobs]
     if len(set(paths)) != len(paths):
         raise MergeError("two outputs of one batch have the same path")
-    total = 0
     order = output_order(base, [j.session.plan for j in jobs])
-    for j in jobs:
-        j.specs = output_specs(j.session.plan, base, order)
-        j.touched = j.session.plan.touched_keys()
-        for lf in j.session.loras:
-            lf.hash_in_background()
-        j.meta = updated_metadata(j.session.plan, _provenance(j.session, final=False))
-        total += sum(sp.nbytes for sp in j.specs)
-    done = [0]
+    outs = [_Output(j, base, order) for j in jobs]
+    step = _progress(opts, sum(o.nbytes for o in outs))
+    ctx: list[MergeContext] = []  # made (and torch imported) when the first changed layer comes up
 
-    def progress(n: int) -> None:
-        done[0] += n
-        if opts.progress:
-            opts.progress(done[0], total, "")
+    def compute(o: _Output, prefix: str) -> dict:
+        if not ctx:
+            ctx.append(MergeContext(base, jobs[0].session.model, opts.device))
+        layer = o.plan.model.layers[prefix]
+        new, rec = kind_of(layer).apply(ctx[0], o.plan, layer, o.plan.ops.get(prefix))
+        if rec is not None:
+            o.job.session.records.append({"layer": prefix, "method": kind_of(layer).name} | rec)
+        return new
 
     t0 = time.perf_counter()
     # everything long-lived exists now; the loop below allocates many short-lived objects, and full
     # collections would keep walking the plan and headers (measured ~3% of a merge)
     gc.freeze()
-    transformer = None  # made (and torch imported) when the first changed layer comes up
     try:
-        for j in jobs:
-            j.session.records = []
-            j.writer = StreamingWriter(j.out_path, j.specs, j.meta, progress=progress)
+        for o in outs:
+            o.job.session.records = []
+            o.writer = StreamingWriter(o.job.out_path, o.specs, o.meta, progress=step)
         for name in order:
-            for j in jobs:
-                if name not in j.touched:  # copied in the kernel where it can; the page cache serves later jobs
-                    j.writer.copy_tensor(name, base)
-                    continue
-                prefix = name.rpartition(".")[0]
-                if prefix not in j.pending:
-                    if transformer is None:
-                        from .transform import LayerTransformer
-
-                        transformer = LayerTransformer(base, jobs[0].session.model, opts.device)
-                    out, rec = transformer(j.session, prefix)
-                    j.pending[prefix] = out
-                    if rec:
-                        j.session.records.append(rec)
-                t = j.pending[prefix].pop(name, None)
-                if t is None:
-                    j.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
-                else:
-                    j.writer.write_tensor(name, t)
-                if not j.pending[prefix]:
-                    del j.pending[prefix]
-        for j in jobs:
-            j.meta = updated_metadata(j.session.plan, _provenance(j.session))
-            j.writer.patch_metadata(j.meta)
-            j.writer.finish(check=lambda tmp, j=j: post_write_check(tmp, j.specs, j.meta))
-        for j in jobs:
-            j.writer.publish()
+            for o in outs:
+                o.take(name, base, compute)
+        for o in outs:
+            o.finish()
+        for o in outs:
+            o.writer.publish()
     except BaseException:
-        for j in jobs:
-            if j.writer is not None:
-                j.writer.abort()
+        for o in outs:
+            if o.writer is not None:
+                o.writer.abort()
         raise
     finally:
-        if transformer is not None:
-            transformer.close()
+        if ctx:
+            ctx[0].close()
         gc.unfreeze()
     secs = round(time.perf_counter() - t0, 3)
-    return [{"seconds": secs, "output": j.out_path, "output_bytes": os.path.getsize(j.out_path),
-             "write_mode": "direct" if j.writer.direct else "buffered"} for j in jobs]
-
-
-def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:
-    """Re-open what was written: same key set, dtypes, shapes and metadata as planned."""
-    with Checkpoint(path) as c:
-        got = {n: (i.dtype, i.shape) for n, i in c.tensors.items()}
-        want = {s.name: (s.dtype, s.shape) for s in specs}
-        if got != want or c.metadata != meta:
-            raise MergeError("the written file does not match the plan (disk full or a concurrent writer?); "
-                             "nothing was written")
+    return [{"seconds": secs, "output": o.job.out_path, "output_bytes": os.path.getsize(o.job.out_path),
+             "write_mode": "direct" if o.writer.direct else "buffered"} for o in outs]

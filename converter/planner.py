@@ -1,8 +1,6 @@
-"""LoRA modules + family tables -> a Plan: every decision made up front, nothing read but headers
-(and the small A matrices of fused groups, to detect a shared A).
-
-Executing a Plan (converter.pipeline) needs no further choices.
-"""
+"""LoRA modules + family tables -> a Plan: every decision made up front, nothing read but headers (and the
+small down factors of fused groups, to detect a shared one). Executing a Plan (converter.pipeline) needs no
+further choices. No torch here: planning overlaps torch's import."""
 
 from __future__ import annotations
 
@@ -11,13 +9,18 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from mappings import FAMILIES, FOREIGN_SIGNATURES, by_name
+from mappings import FAMILIES, FOREIGN_SIGNATURES
 
+from .adapters import Adapter
 from .errors import MergeError, ShapeMismatch, UnmappedKeys
-from .lora import LoraFile, LoraModule
-from .model import Layer, Layout, Model, Segment
+from .layers import LayerKind, kind_of
+from .layout import Layer, Layout, Segment
+from .lorafile import LoraFile, LoraModule
+from .model import Model
+from .naming import pattern
 
 MAX_RANK = 1024  # Nunchaku's kernel limit (Lora::MAX_RANK)
+MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")
 
 
 def round16(n: int) -> int:
@@ -26,29 +29,52 @@ def round16(n: int) -> int:
 
 @dataclass
 class Contribution:
-    """One LoRA module's effect on one checkpoint layer."""
+    """One adapter's effect on one checkpoint layer."""
 
     lora: int  # index into Plan.loras
     module: str  # LoRA module name as in the file (after prefix stripping)
-    kind: str  # "lowrank" | "diff" | "diff_b"
+    adapter: Adapter
     segments: list[Segment]
-    scale: float = 1.0
-    rank: int = 0
-    a_key: str = ""
-    b_key: str = ""
-    key: str = ""  # diff / diff_b tensor key
-    shares_a_with: int | None = None  # index (in the op's contributions) of a member with an identical A
+    shares_down_with: int | None = None  # index (in the op's contributions) of a member with the same down
+
+    @property
+    def rank(self) -> int | None:
+        return self.adapter.rank
+
+    @property
+    def low_rank(self) -> bool:
+        """A weight update given as exact factors."""
+        return self.adapter.applies_to == "weight" and self.adapter.rank is not None
+
+    def place(self, src, out_rows: int):
+        """Rows of the module's output (an up factor, a ΔW or a bias) placed onto the layer's rows."""
+        out = src.new_zeros((out_rows,) + tuple(src.shape[1:]))
+        for s in self.segments:
+            out[s.target_start:s.target_start + s.rows] = src[s.lora_start:s.lora_start + s.rows]
+        return out
 
 
 @dataclass
 class LayerOp:
     layer: Layer
-    method: str  # "lowrank_append" | "dense_add" | "vector_add" | "modulation"
+    kind: type[LayerKind]
     contributions: list[Contribution] = field(default_factory=list)
 
     @property
+    def weight_contributions(self) -> list[Contribution]:
+        return [c for c in self.contributions if c.adapter.applies_to == "weight"]
+
+    @property
+    def bias_contributions(self) -> list[Contribution]:
+        return [c for c in self.contributions if c.adapter.applies_to == "bias"]
+
+    @property
+    def needs_base(self) -> bool:
+        return any(c.adapter.needs_base for c in self.contributions)
+
+    @property
     def added_rank(self) -> int:
-        return sum(c.rank for c in self.contributions if c.kind == "lowrank" and c.shares_a_with is None)
+        return self.kind.added_rank(self)
 
 
 @dataclass
@@ -67,7 +93,6 @@ class Plan:
     accounts: list[KeyAccount]
     warnings: list[str]
     modulation_mode: str
-    lowrank_layers: list[str]  # every SVDQ layer (all get the new rank)
 
     @property
     def rank_changed(self) -> bool:
@@ -75,35 +100,83 @@ class Plan:
 
     def out_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         prefix, _, part = name.rpartition(".")
-        if part in ("proj_down", "proj_up") and self.rank_changed and prefix in self.model.layers:
+        layer = self.model.layers.get(prefix)
+        if part in ("proj_down", "proj_up") and self.rank_changed and layer is not None and layer.layout.is_svdq:
             return (shape[0], self.new_rank)
         return shape
 
     def touched_keys(self) -> set[str]:
-        out = set()
-        for p, op in self.ops.items():
-            lay = op.layer
-            if op.method == "lowrank_append":
-                out |= {lay.key("proj_down"), lay.key("proj_up")}
-            elif op.method == "modulation":
-                out |= {lay.key("qweight"), lay.key("wscales"), lay.key("wzeros")}
-                if lay.has_bias:
-                    out.add(lay.key("bias"))
-            elif op.method in ("dense_add", "vector_add"):
-                if any(c.kind != "diff_b" for c in op.contributions):
-                    out.add(lay.key("weight"))
-            if any(c.kind == "diff_b" for c in op.contributions):
-                out.add(lay.key("bias"))
-        if self.rank_changed:
-            for p in self.lowrank_layers:
-                out |= {f"{p}.proj_down", f"{p}.proj_up"}
+        out: set[str] = set()
+        for p, layer in self.model.layers.items():
+            out |= kind_of(layer).touched(layer, self.ops.get(p), self)
         return out
 
 
-def _resolve(mod: LoraModule, targets: dict[str, list[Segment]], underscore_index: dict[str, str]) -> str | None:
-    if not mod.underscore and mod.name in targets:
-        return mod.name
-    return underscore_index.get(mod.name.replace(".", "_"))
+# -- building a plan ----------------------------------------------------------------------------------------------
+class _Targets:
+    """The family's LoRA module names of this checkpoint, looked up in dotted or kohya underscore form."""
+
+    def __init__(self, model: Model):
+        self.segments = model.family.lora_targets(model.layers)
+        self._underscore = {name.replace(".", "_"): name for name in self.segments}
+
+    def resolve(self, mod: LoraModule) -> str | None:
+        if not mod.underscore and mod.name in self.segments:
+            return mod.name
+        return self._underscore.get(mod.name.replace(".", "_"))
+
+
+def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = False,
+               modulation_mode: str = "calibrated", max_rank: int | None = None) -> Plan:
+    if modulation_mode not in MODULATION_MODES:
+        raise MergeError(f"unknown modulation mode {modulation_mode!r}; choose from {', '.join(MODULATION_MODES)}")
+    targets = _Targets(model)
+    ops: dict[str, LayerOp] = {}
+    warnings: list[str] = []
+    accounts = [_plan_file(li, lf, model, targets, ops, modulation_mode) for li, lf in enumerate(loras)]
+    for lf, acc in zip(loras, accounts):
+        if acc.unmapped and not allow_unmapped:
+            raise UnmappedKeys(f"{lf.name}: {len(acc.unmapped)} of {len(lf.ckpt.keys())} keys cannot be applied: "
+                               f"{summarise(acc.unmapped)}. Use --allow-unmapped to merge the rest anyway")
+        if acc.unmapped:
+            warnings.append(f"{lf.name}: {len(acc.unmapped)} keys not applied (--allow-unmapped): {summarise(acc.unmapped)}")
+        if abs(lf.strength) < 1e-8:
+            warnings.append(f"{lf.name}: strength 0 — this LoRA changes nothing")
+    _detect_shared_down(ops)
+    _check_smoothing_fusion(model, ops)
+    new_rank = _new_rank(model, ops, max_rank, warnings)
+    return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode)
+
+
+def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict[str, LayerOp],
+               modulation_mode: str) -> KeyAccount:
+    """Every key of one LoRA file into applied / ignored / unmapped; the applied ones become contributions."""
+    acc = KeyAccount(ignored=list(lf.ignored), unmapped=list(lf.unsupported))
+    unresolved: list[str] = []
+    for mod in lf.modules.values():
+        keys = list(mod.keys.values())
+        tname = targets.resolve(mod)
+        if tname is None:
+            unresolved.append(mod.name)
+            acc.unmapped.extend((k, "no such layer in this checkpoint") for k in keys)
+            continue
+        segs = targets.segments[tname]
+        if modulation_mode == "skip" and any(model.layers[s.target].layout == Layout.AWQ_W4A16 for s in segs):
+            acc.ignored.extend((k, "modulation layer left unchanged (--mod skip)") for k in keys)
+            continue
+        bad = _add_module(li, lf, mod, tname, segs, model, ops)
+        if bad:
+            acc.unmapped.extend((k, bad) for k in keys)
+            continue
+        unused = set(mod.leftover.values())
+        acc.applied.extend(k for k in keys if k not in unused)
+        acc.ignored.extend((k, "alpha of an update that has no rank (unused)") for k in unused)
+    if unresolved and len(unresolved) == len(lf.modules):
+        other = _foreign_family(unresolved, model.family.name)
+        what = f"a {other} LoRA" if other else "made for another model"
+        raise UnmappedKeys(f"{lf.name} looks like {what}: none of its {len(lf.modules)} modules exist in this "
+                           f"{model.family.title} checkpoint (e.g. {sorted(unresolved)[0]})")
+    return acc
 
 
 def _foreign_family(names: list[str], own: str) -> str | None:
@@ -113,8 +186,8 @@ def _foreign_family(names: list[str], own: str) -> str | None:
             if any(re.search(p, n) for p in pats):
                 votes[fam] += 1
         for f in FAMILIES:
-            if f.NAME != own and any(re.search(p, n) for p in f.SIGNATURES):
-                votes[f.TITLE] += 1
+            if f.name != own and any(re.search(p, n) for p in f.signatures):
+                votes[f.title] += 1
     if votes:
         fam, n = votes.most_common(1)[0]
         if n >= max(1, len(names) // 2):
@@ -122,75 +195,74 @@ def _foreign_family(names: list[str], own: str) -> str | None:
     return None
 
 
-def _pattern(name: str) -> str:
-    return re.sub(r"(?<=[._])\d+(?=[._]|$)", "*", name)
-
-
-def _summarise(keys: list[tuple[str, str]], limit: int = 8) -> str:
-    c = Counter(f"{_pattern(k)} ({why})" for k, why in keys)
+def summarise(keys: list[tuple[str, str]], limit: int = 8) -> str:
+    c = Counter(f"{pattern(k)} ({why})" for k, why in keys)
     items = [f"{p} x{n}" for p, n in c.most_common(limit)]
     more = len(c) - limit
     return "; ".join(items) + (f"; ... {more} more patterns" if more > 0 else "")
 
 
-def method_for(layer: Layer) -> str:
-    if layer.layout.is_svdq:
-        return "lowrank_append"
-    if layer.layout == Layout.AWQ_W4A16:
-        return "modulation"
-    if layer.layout == Layout.VECTOR:
-        return "vector_add"
-    return "dense_add"
+def _check_shape(lf: LoraFile, mod: LoraModule, a: Adapter, tname: str, rows: int, layer: Layer) -> None:
+    """The update must have the target's shape: (rows, in) for a weight, (rows,) for a bias or a 1-D weight."""
+    vector = a.applies_to == "bias" or layer.layout == Layout.VECTOR
+    want = (rows,) if vector else (rows, layer.in_features)
+    got = tuple(a.shape)
+    if got == want:
+        return
+    if len(got) == 2 and len(want) == 2 and a.rank is not None:
+        raise ShapeMismatch(f"{lf.name}: module {mod.name} is {got[0]}x{got[1]} (out x in) but checkpoint layer "
+                            f"{tname} expects {want[0]}x{want[1]}: the LoRA was made for a different model size")
+    raise ShapeMismatch(f"{lf.name}: {', '.join(a.keys.values())} has shape {got}, layer {tname} needs {want}")
 
 
-def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = False,
-               modulation_mode: str = "calibrated", max_rank: int | None = None) -> Plan:
-    fam = by_name(model.family)
-    targets = fam.lora_targets(model.layers)
-    underscore_index = {name.replace(".", "_"): name for name in targets}
-    ops: dict[str, LayerOp] = {}
-    accounts: list[KeyAccount] = []
-    warnings: list[str] = []
+def _add_module(li: int, lf: LoraFile, mod: LoraModule, tname: str, segs: list[Segment], model: Model,
+                ops: dict[str, LayerOp]) -> str | None:
+    """Register the module's contributions; returns a reason string if it cannot be applied."""
+    first = model.layers[segs[0].target]
+    for a in mod.adapters:
+        _check_shape(lf, mod, a, tname, sum(s.rows for s in segs), first)
+    if not mod.adapters:
+        return "alpha without LoRA weights" if "alpha" in mod.leftover else "no update in this module"
+    by_target: dict[str, list[Segment]] = defaultdict(list)
+    for s in segs:
+        by_target[s.target].append(s)
+    for target in by_target:
+        layer = model.layers[target]
+        reason = next((r for a in mod.adapters if (r := kind_of(layer).refuse(layer, a))), None)
+        if reason:
+            return reason
+    for target, tsegs in by_target.items():
+        layer = model.layers[target]
+        op = ops.setdefault(target, LayerOp(layer, kind_of(layer)))
+        op.contributions.extend(Contribution(li, mod.name, a, tsegs) for a in mod.adapters)
+    return None
 
-    for li, lf in enumerate(loras):
-        acc = KeyAccount(ignored=list(lf.ignored))
-        acc.unmapped.extend(lf.unsupported)
-        unresolved: list[str] = []
-        for mod in lf.modules.values():
-            keys = list(mod.keys.values())
-            tname = _resolve(mod, targets, underscore_index)
-            if tname is None:
-                unresolved.append(mod.name)
-                acc.unmapped.extend((k, "no such layer in this checkpoint") for k in keys)
-                continue
-            segs = targets[tname]
-            if modulation_mode == "skip" and any(model.layers[s.target].layout == Layout.AWQ_W4A16 for s in segs):
-                acc.ignored.extend((k, "modulation layer left unchanged (--mod skip)") for k in keys)
-                continue
-            bad = _add_module(li, lf, mod, tname, segs, model, ops)
-            if bad:
-                acc.unmapped.extend((k, bad) for k in keys)
-                continue
-            acc.applied.extend(keys)
-        if unresolved and len(unresolved) == len(lf.modules):
-            other = _foreign_family(unresolved, model.family)
-            what = f"a {other} LoRA" if other else "made for another model"
-            raise UnmappedKeys(f"{lf.name} looks like {what}: none of its {len(lf.modules)} modules exist in this "
-                               f"{model.family_title} checkpoint (e.g. {sorted(unresolved)[0]})")
-        if acc.unmapped and not allow_unmapped:
-            raise UnmappedKeys(f"{lf.name}: {len(acc.unmapped)} of {len(lf.ckpt.keys())} keys cannot be applied: "
-                               f"{_summarise(acc.unmapped)}. Use --allow-unmapped to merge the rest anyway")
-        if acc.unmapped:
-            warnings.append(f"{lf.name}: {len(acc.unmapped)} keys not applied (--allow-unmapped): {_summarise(acc.unmapped)}")
-        if abs(lf.strength) < 1e-8:
-            warnings.append(f"{lf.name}: strength 0 — this LoRA changes nothing")
-        accounts.append(acc)
 
-    _detect_shared_a(loras, ops)
-    _check_smoothing_fusion(model, ops)
+def _detect_shared_down(ops: dict[str, LayerOp]) -> None:
+    """q/k/v (or w3/w1) LoRAs trained with one shared A: append that A once, with the B's stacked. Members
+    pair when they come from one file, have the same rank, land on different rows and have bit-identical
+    down factors (`Adapter.down_identity`, read once each)."""
+    for op in ops.values():
+        low = [(i, c) for i, c in enumerate(op.contributions) if c.low_rank]
+        if len(low) < 2:
+            continue
+        ident: dict[int, bytes | None] = {}
+        for n, (i, c) in enumerate(low):
+            for j, d in low[:n]:
+                if d.shares_down_with is not None or d.lora != c.lora or d.rank != c.rank:
+                    continue
+                if any(s.target_start == t.target_start for s in c.segments for t in d.segments):
+                    continue
+                for k, member in ((i, c), (j, d)):
+                    if k not in ident:
+                        ident[k] = member.adapter.down_identity()
+                if ident[i] is not None and ident[i] == ident[j]:
+                    c.shares_down_with = j
+                    break
 
-    lowrank_layers = [p for p, l in model.layers.items() if l.layout.is_svdq]
-    added = max((op.added_rank for op in ops.values() if op.method == "lowrank_append"), default=0)
+
+def _new_rank(model: Model, ops: dict[str, LayerOp], max_rank: int | None, warnings: list[str]) -> int:
+    added = max((op.added_rank for op in ops.values()), default=0)
     new_rank = round16(model.rank + added) if added else model.rank
     if max_rank is not None:
         if max_rank % 16 or max_rank <= model.rank:
@@ -202,79 +274,7 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
     if new_rank > MAX_RANK:
         raise MergeError(f"the merged rank would be {new_rank}, above Nunchaku's limit of {MAX_RANK}; "
                          "merge fewer or lower-rank LoRAs, or cap it with --max-rank")
-    return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, lowrank_layers)
-
-
-def _add_module(li: int, lf: LoraFile, mod: LoraModule, tname: str, segs: list[Segment], model: Model,
-                ops: dict[str, LayerOp]) -> str | None:
-    """Register the module's contributions; returns a reason string if it cannot be applied."""
-    lora_rows = sum(s.rows for s in segs)
-    in_features = model.layers[segs[0].target].in_features
-    if "A" in mod.keys:
-        a_shape, b_shape = lf.shape(mod.keys["A"]), lf.shape(mod.keys["B"])
-        if a_shape[1] != in_features or b_shape[0] != lora_rows:
-            raise ShapeMismatch(
-                f"{lf.name}: module {mod.name} is {b_shape[0]}x{a_shape[1]} (out x in) but checkpoint layer "
-                f"{tname} expects {lora_rows}x{in_features}: the LoRA was made for a different model size")
-    for part in ("diff", "diff_b"):
-        if part not in mod.keys:
-            continue
-        shape = lf.shape(mod.keys[part])
-        layer = model.layers[segs[0].target]
-        if part == "diff":
-            if layer.layout.is_svdq or layer.layout == Layout.AWQ_W4A16:
-                return "full-weight delta (.diff) on a 4-bit layer cannot be merged exactly"
-            want = (lora_rows,) if layer.layout == Layout.VECTOR else (lora_rows, in_features)
-        else:
-            if not all(model.layers[s.target].has_bias for s in segs):
-                return f"bias delta for {tname}, which has no bias"
-            want = (lora_rows,)
-        if tuple(shape) != want:
-            raise ShapeMismatch(f"{lf.name}: {mod.keys[part]} has shape {tuple(shape)}, layer {tname} needs {want}")
-    if "A" not in mod.keys and not any(p in mod.keys for p in ("diff", "diff_b")):
-        return "alpha without LoRA weights"
-    by_target: dict[str, list[Segment]] = defaultdict(list)
-    for s in segs:
-        by_target[s.target].append(s)
-    for target, tsegs in by_target.items():
-        layer = model.layers[target]
-        op = ops.setdefault(target, LayerOp(layer, method_for(layer)))
-        if "A" in mod.keys:
-            op.contributions.append(Contribution(li, mod.name, "lowrank", tsegs, scale=lf.scale(mod),
-                                                 rank=lf.shape(mod.keys["A"])[0], a_key=mod.keys["A"],
-                                                 b_key=mod.keys["B"]))
-        for part in ("diff", "diff_b"):
-            if part in mod.keys:
-                op.contributions.append(Contribution(li, mod.name, part, tsegs, scale=lf.strength, key=mod.keys[part]))
-    return None
-
-
-def _detect_shared_a(loras: list[LoraFile], ops: dict[str, LayerOp]) -> None:
-    """q/k/v (or w3/w1) LoRAs trained with one shared A: append that A once, with the B's stacked."""
-    for op in ops.values():
-        low = [c for c in op.contributions if c.kind == "lowrank"]
-        if len(low) < 2:
-            continue
-        cache: dict[int, bytearray] = {}
-        for i, c in enumerate(op.contributions):
-            if c.kind != "lowrank":
-                continue
-            for j in range(i):
-                d = op.contributions[j]
-                if d.kind != "lowrank" or d.shares_a_with is not None or d.lora != c.lora or d.rank != c.rank:
-                    continue
-                if d.scale != c.scale or any(s.target_start == t.target_start for s in c.segments for t in d.segments):
-                    continue
-                lf = loras[c.lora]
-                if lf.shape(c.a_key) != lf.shape(d.a_key):
-                    continue
-                # bit-identical A (stricter than ==, which would also pair +0.0 with -0.0); each A read once
-                for k, key in ((i, c.a_key), (j, d.a_key)):
-                    if k not in cache:
-                        cache[k] = lf.ckpt.read_bytes(key)
-                if lf.ckpt.tensors[c.a_key].dtype == lf.ckpt.tensors[d.a_key].dtype and cache[i] == cache[j]:
-                    c.shares_a_with = j
-                    break
+    return new_rank
 
 
 def _check_smoothing_fusion(model: Model, ops: dict[str, LayerOp]) -> None:
@@ -284,9 +284,13 @@ def _check_smoothing_fusion(model: Model, ops: dict[str, LayerOp]) -> None:
     files do not use this; rather than merge such layers silently wrong, refuse."""
     if not model.fused_smoothing:
         return
-    block_of = lambda p: (m.group(1) if (m := re.match(r"^([a-z_]+\.\d+)\.", p)) else "")
+
+    def block_of(p: str) -> str:
+        m = re.match(r"^([a-z_]+\.\d+)\.", p)
+        return m.group(1) if m else ""
+
     attn_out_blocks = {block_of(p) for p in model.fused_smoothing if p.endswith(("to_out.0", "to_add_out"))}
-    for p, op in ops.items():
+    for p in ops:
         producer = block_of(p) in attn_out_blocks and p.endswith(("to_qkv", "add_qkv_proj"))
         if p in model.fused_smoothing or producer:
             raise MergeError(
@@ -296,6 +300,7 @@ def _check_smoothing_fusion(model: Model, ops: dict[str, LayerOp]) -> None:
                 f"{' ...' if len(model.fused_smoothing) > 4 else ''}")
 
 
+# -- the output's metadata ----------------------------------------------------------------------------------------
 def updated_metadata(plan: Plan, provenance: dict) -> dict[str, str]:
     meta = dict(plan.model.metadata)
     if plan.rank_changed:
@@ -307,8 +312,8 @@ def updated_metadata(plan: Plan, provenance: dict) -> dict[str, str]:
 def _set_rank(raw: str | None, old: int, new: int) -> str:
     if raw is None:
         return json.dumps({"method": "svdquant", "rank": new})
-    qc = json.loads(raw)
     want = json.loads(raw)
+    had_manifest = "runtime_manifest" in want
     want["rank"] = new
     man = want.get("runtime_manifest")
     if isinstance(man, dict):
@@ -318,8 +323,7 @@ def _set_rank(raw: str | None, old: int, new: int) -> str:
         req = man.get("requirements")
         if isinstance(req, dict) and "rank" in req:
             req["rank"] = new
-    # keep the original text byte for byte except the number, when that is unambiguous
-    if "runtime_manifest" not in qc:
+    if not had_manifest:  # keep the original text byte for byte except the number, when that is unambiguous
         cand = re.sub(r'("rank"\s*:\s*)' + str(old) + r"\b", lambda m: m.group(1) + str(new), raw)
         try:
             if json.loads(cand) == want:

@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .codecs.awq_w4a16 import dequantize as awq_dequantize
+from .codecs import layer_codec
 from .codecs.lowrank import LowRankDown, LowRankUp
-from .codecs.svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
-from .codecs.svdq_weight import E2M1_VALUES, SvdqQWeightInt4, SvdqQWeightNvfp4
+from .codecs.svdq_scales import PackedVector
+from .layout import Layout
 
 
 def svdq_main_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """Ŵ·diag(wcscales) of the 4-bit path, fp32 (O, I): the weight that multiplies x ⊘ smooth."""
     nvfp4 = t["wscales"].dtype == torch.float8_e4m3fn
-    if nvfp4:
-        codes = SvdqQWeightNvfp4.unpack(t["qweight"]).long()
-        w = E2M1_VALUES[codes]
-        s = WScalesNvfp4.unpack(t["wscales"]).float()
-        gs = 16
-    else:
-        w = SvdqQWeightInt4.unpack(t["qweight"]).float()
-        s = WScalesInt4.unpack(t["wscales"]).float()
-        gs = 64
-    o, i = w.shape
-    w = (w.reshape(o, i // gs, gs) * s[..., None]).reshape(o, i)
-    if nvfp4:
-        if "wtscale" in t:
-            w = w * t["wtscale"].float().reshape(())
-        if "wcscales" in t:
-            w = w * PackedVector.unpack(t["wcscales"]).float()[:, None]
-    return w
+    return layer_codec(Layout.SVDQ_NVFP4 if nvfp4 else Layout.SVDQ_INT4).dequantize(t)
 
 
 def svdq_lowrank(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +45,7 @@ def svdq_forward(t: dict[str, torch.Tensor], x: torch.Tensor, act_quant: bool = 
 
 
 def awq_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return awq_dequantize(t["qweight"], t["wscales"], t["wzeros"])
+    return layer_codec(Layout.AWQ_W4A16).dequantize(t)
 
 
 def awq_forward(t: dict[str, torch.Tensor], x: torch.Tensor, splits: int | None = None) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Model families: how LoRA module names map onto the layers of a Nunchaku checkpoint.
 
-Each family module is data plus small pure functions: `NAME`, `TITLE`, `matches(metadata, tensors)`,
-`lora_targets(layers)` -> {LoRA module name: [Segment, ...]}, `modulation_splits(prefix)` (row interleave of
-AWQ modulation layers), `timestep_keys` and `SIGNATURES` (regexes recognising this family's LoRA modules,
-used to tell the user that a LoRA was made for another model). Logic lives in `converter.planner`.
+Each family module defines one `converter.layout.Family` subclass (data plus small pure methods) and an
+instance `FAMILY`. To add a family: write `mappings/<name>.py`, add its `FAMILY` to `FAMILIES`.
 """
+
+from converter.layout import Family
 
 from . import qwen_image, z_image
 
-FAMILIES = (qwen_image, z_image)
+FAMILIES: tuple[Family, ...] = (qwen_image.FAMILY, z_image.FAMILY)
 
 # LoRA module patterns of families we do not merge into, for clear wrong-family messages.
 FOREIGN_SIGNATURES = {
@@ -19,8 +19,8 @@ FOREIGN_SIGNATURES = {
 }
 
 
-def by_name(name: str):
+def by_name(name: str) -> Family:
     for f in FAMILIES:
-        if f.NAME == name:
+        if f.name == name:
             return f
     raise KeyError(name)

@@ -8,48 +8,68 @@ Checkpoint layers keep diffusers names, except that q/k/v are fused: `attn.to_qk
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from converter.model import Layer, Segment, split_rows, whole
+from converter.layout import Family, Layer, Segment, split_rows, whole
 
-NAME = "qwen-image"
-TITLE = "Qwen-Image"
-MODEL_CLASS = "NunchakuQwenImageTransformer2DModel"
+if TYPE_CHECKING:
+    import torch
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
-MOD_SPLITS = 6
+MOD_SPLITS = 6  # shift, scale, gate of the attention and of the MLP
 QKV = ("q", "k", "v")
 
-# timestep embedder that produces the modulation layers' input (see converter.modulation)
-timestep_keys = {
-    "linear_1": "time_text_embed.timestep_embedder.linear_1",
-    "linear_2": "time_text_embed.timestep_embedder.linear_2",
-    "addition_t_embedding": "time_text_embed.addition_t_embedding.weight",
-}
 
-SIGNATURES = (r"^transformer_blocks[._]\d+[._](attn|img_mlp|txt_mlp|img_mod|txt_mod)", r"^(img_in|txt_in|proj_out)$")
+class ModulationInterleave:
+    """Rows of `img_mod.1` / `txt_mod.1`: diffusers row k*D+d is stored as row d*splits+k (deepcompressor's
+    conversion), and Nunchaku's block de-interleaves the output right after the layer."""
 
+    def __init__(self, splits: int = MOD_SPLITS):
+        self.splits = splits
 
-def matches(metadata: dict[str, str], tensors) -> bool:
-    if metadata.get("model_class") == MODEL_CLASS:
-        return True
-    return "transformer_blocks.0.attn.to_qkv.qweight" in tensors
+    def to_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        d = t.shape[0] // self.splits
+        return t.reshape(self.splits, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
-
-def modulation_splits(prefix: str) -> int | None:
-    return MOD_SPLITS if prefix.endswith((".img_mod.1", ".txt_mod.1")) and _BLOCK.match(prefix) else None
+    def to_lora(self, t: torch.Tensor) -> torch.Tensor:
+        d = t.shape[0] // self.splits
+        return t.reshape(d, self.splits, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-def lora_targets(layers: dict[str, Layer]) -> dict[str, list[Segment]]:
-    targets = {p: whole(l) for p, l in layers.items()}
-    for p, l in layers.items():
-        if p.endswith(".attn.to_qkv"):
-            base = p[: -len("to_qkv")]
-            for c, segs in split_rows(l, QKV).items():
-                targets[f"{base}to_{c}"] = segs
-        elif p.endswith(".attn.add_qkv_proj"):
-            base = p[: -len("add_qkv_proj")]
-            for c, segs in split_rows(l, QKV).items():
-                targets[f"{base}add_{c}_proj"] = segs
-        elif p.endswith(".attn.to_out.0"):
-            targets.setdefault(p[:-2], whole(l))  # `attn.to_out` (no `.0`) seen in some trainers
-    return targets
+class QwenImage(Family):
+    name = "qwen-image"
+    title = "Qwen-Image"
+    model_class = "NunchakuQwenImageTransformer2DModel"
+    signatures = (r"^transformer_blocks[._]\d+[._](attn|img_mlp|txt_mlp|img_mod|txt_mod)", r"^(img_in|txt_in|proj_out)$")
+    # timestep embedder that produces the modulation layers' input (see converter.modulation)
+    timestep_keys = {
+        "linear_1": "time_text_embed.timestep_embedder.linear_1",
+        "linear_2": "time_text_embed.timestep_embedder.linear_2",
+        "addition_t_embedding": "time_text_embed.addition_t_embedding.weight",
+    }
+
+    def matches(self, metadata, tensors) -> bool:
+        return metadata.get("model_class") == self.model_class or "transformer_blocks.0.attn.to_qkv.qweight" in tensors
+
+    def row_order(self, prefix: str) -> ModulationInterleave | None:
+        if prefix.endswith((".img_mod.1", ".txt_mod.1")) and _BLOCK.match(prefix):
+            return ModulationInterleave()
+        return None
+
+    def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
+        targets = {p: whole(l) for p, l in layers.items()}
+        for p, l in layers.items():
+            if p.endswith(".attn.to_qkv"):
+                base = p[: -len("to_qkv")]
+                for c, segs in split_rows(l, QKV).items():
+                    targets[f"{base}to_{c}"] = segs
+            elif p.endswith(".attn.add_qkv_proj"):
+                base = p[: -len("add_qkv_proj")]
+                for c, segs in split_rows(l, QKV).items():
+                    targets[f"{base}add_{c}_proj"] = segs
+            elif p.endswith(".attn.to_out.0"):
+                targets.setdefault(p[:-2], whole(l))  # `attn.to_out` (no `.0`) seen in some trainers
+        return targets
+
+
+FAMILY = QwenImage()

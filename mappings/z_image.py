@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import re
 
-from converter.model import Layer, Segment, fused_over, split_rows, whole
+from converter.layout import Family, Layer, Segment, fused_over, split_rows, whole
 
-NAME = "z-image"
-TITLE = "Z-Image-Turbo"
-MODEL_CLASS = "NunchakuZImageTransformer2DModel"
-
-timestep_keys: dict[str, str] = {}  # no AWQ modulation layers: adaLN_modulation stays bf16
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.")
 GLU = ("w3", "w1")  # row order of feed_forward.net.0.proj
-SIGNATURES = (r"^(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|adaLN)",
-              r"^(x_embedder|final_layer|cap_embedder|t_embedder)")
 
 # names that ComfyUI / the original Z-Image code use for the same layers
 ALIASES = {
@@ -31,41 +24,46 @@ ALIASES = {
 }
 
 
-def matches(metadata: dict[str, str], tensors) -> bool:
-    if metadata.get("model_class") == MODEL_CLASS:
-        return True
-    return "layers.0.attention.to_qkv.qweight" in tensors or "layers.0.attention.to_out.0.qweight" in tensors
+class ZImage(Family):
+    name = "z-image"
+    title = "Z-Image-Turbo"
+    model_class = "NunchakuZImageTransformer2DModel"
+    signatures = (r"^(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|adaLN)",
+                  r"^(x_embedder|final_layer|cap_embedder|t_embedder)")
+    # no AWQ modulation layers: adaLN_modulation stays bf16, so no timestep_keys and no row_order
+
+    def matches(self, metadata, tensors) -> bool:
+        return (metadata.get("model_class") == self.model_class or "layers.0.attention.to_qkv.qweight" in tensors
+                or "layers.0.attention.to_out.0.qweight" in tensors)
+
+    def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
+        targets = {p: whole(l) for p, l in layers.items()}
+        for p, l in layers.items():
+            if not _BLOCK.match(p):
+                continue
+            if p.endswith(".attention.to_qkv"):
+                base = p[: -len("to_qkv")]
+                for c, segs in split_rows(l, ("q", "k", "v")).items():
+                    targets[f"{base}to_{c}"] = segs
+                targets[f"{base}qkv"] = whole(l)
+            elif p.endswith(".attention.to_q") and p[:-1] + "k" in layers and p[:-1] + "v" in layers:
+                base = p[: -len("to_q")]  # skip_refiners: separate bf16 q/k/v; a fused LoRA spreads over them
+                targets[f"{base}qkv"] = fused_over([layers[base + "to_q"], layers[base + "to_k"], layers[base + "to_v"]],
+                                                   ("q", "k", "v"))
+            elif p.endswith(".attention.to_out.0"):
+                targets[p[: -len("to_out.0")] + "out"] = whole(l)
+            elif p.endswith(".feed_forward.net.0.proj"):
+                base = p[: -len("net.0.proj")]
+                for c, segs in split_rows(l, GLU).items():
+                    targets[base + c] = segs
+            elif p.endswith(".feed_forward.net.2"):
+                targets[p[: -len("net.2")] + "w2"] = whole(l)
+            elif p.endswith((".attention.norm_q", ".attention.norm_k")):
+                targets[p[:-len("norm_q")] + ("q_norm" if p.endswith("q") else "k_norm")] = whole(l)
+        for alias, real in ALIASES.items():
+            if real in layers:
+                targets[alias] = whole(layers[real])
+        return targets
 
 
-def modulation_splits(prefix: str) -> int | None:
-    return None
-
-
-def lora_targets(layers: dict[str, Layer]) -> dict[str, list[Segment]]:
-    targets = {p: whole(l) for p, l in layers.items()}
-    for p, l in layers.items():
-        if not _BLOCK.match(p):
-            continue
-        if p.endswith(".attention.to_qkv"):
-            base = p[: -len("to_qkv")]
-            for c, segs in split_rows(l, ("q", "k", "v")).items():
-                targets[f"{base}to_{c}"] = segs
-            targets[f"{base}qkv"] = whole(l)
-        elif p.endswith(".attention.to_q") and p[:-1] + "k" in layers and p[:-1] + "v" in layers:
-            base = p[: -len("to_q")]  # skip_refiners: separate bf16 q/k/v; a fused LoRA spreads over them
-            targets[f"{base}qkv"] = fused_over([layers[base + "to_q"], layers[base + "to_k"], layers[base + "to_v"]],
-                                               ("q", "k", "v"))
-        elif p.endswith(".attention.to_out.0"):
-            targets[p[: -len("to_out.0")] + "out"] = whole(l)
-        elif p.endswith(".feed_forward.net.0.proj"):
-            base = p[: -len("net.0.proj")]
-            for c, segs in split_rows(l, GLU).items():
-                targets[base + c] = segs
-        elif p.endswith(".feed_forward.net.2"):
-            targets[p[: -len("net.2")] + "w2"] = whole(l)
-        elif p.endswith((".attention.norm_q", ".attention.norm_k")):
-            targets[p[:-len("norm_q")] + ("q_norm" if p.endswith("q") else "k_norm")] = whole(l)
-    for alias, real in ALIASES.items():
-        if real in layers:
-            targets[alias] = whole(layers[real])
-    return targets
+FAMILY = ZImage()

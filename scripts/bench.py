@@ -63,7 +63,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from converter.st_io import Checkpoint, OutSpec, StreamingWriter  # noqa: E402
+from converter.st_reader import Checkpoint
+from converter.st_writer import OutSpec, StreamingWriter  # noqa: E402
 
 FORMAT_VERSION = 1  # bump when the generated contents change, so cached files are rebuilt
 

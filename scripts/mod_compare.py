@@ -110,13 +110,13 @@ def run_case(name: str, dim: int, const: bool, args) -> dict:
         t_ours.append(res.seconds)
         rows["biasfold"].append(res.e_biasfold)
         rows["biasfold*"].append(res.e_biasfold_ideal)
-        rows["ours"].append(res.e_mod)
-        rows["written"].append(res.e_written)
+        rows["ours"].append(res.e_asked)
+        rows["written"].append(res.e_mod)
         changed.append(res.codes_changed)
         actions.append(res.action)
         if not args.no_plain:
-            rp = merge_modulation(codes, scales, zeros, bias, delta, None, cal, xe, mode="plain", device=dev)
-            rows["plain"].append(rp.e_mod)
+            rp = merge_modulation(codes, scales, zeros, bias, delta, None, cal, xe, mode="requant", device=dev)
+            rows["plain"].append(rp.e_asked)
             t_plain.append(rp.seconds)
         if args.verbose:
             print(f"  layer {li}: rank {rank} |dW|/|W| {rel:.0%}: {res.summary()}")
@@ -126,8 +126,8 @@ def run_case(name: str, dim: int, const: bool, args) -> dict:
             rc = merge_modulation(codes, scales, zeros, bias, delta, None, cal_cpu, xe.cpu())
             diff = float((rc.codes != res.codes).float().mean())
             zdiff = float((rc.zeros != res.zeros).float().mean())
-            print(f"  layer {li}: e_mod {dev.type} {res.e_mod:.4f} vs cpu {rc.e_mod:.4f} "
-                  f"(|diff| {abs(res.e_mod - rc.e_mod):.4f}); codes differing {100 * diff:.3f}%, "
+            print(f"  layer {li}: e_mod {dev.type} {res.e_asked:.4f} vs cpu {rc.e_asked:.4f} "
+                  f"(|diff| {abs(res.e_asked - rc.e_asked):.4f}); codes differing {100 * diff:.3f}%, "
                   f"zeros differing {100 * zdiff:.3f}%; cpu {rc.seconds:.2f}s, {dev.type} {res.seconds:.2f}s")
     o = 6 * dim
     print(f"\n== {name}: {dim} -> {o}, timestep MLP {'const' if const else 'random'}, {args.layers} layers, "

@@ -12,7 +12,7 @@ import json
 import torch
 
 from converter.reference import layer_tensors, svdq_forward
-from converter.st_io import Checkpoint
+from converter.st_reader import Checkpoint
 
 W4A4_TOL = 1e-2
 

@@ -17,7 +17,8 @@ from checks import check_merged, expected_deltas, quant_rank, run
 from loader_emulation import check_loadable
 from lora_builders import random_lora_modules, write_lora
 
-from converter.st_io import Checkpoint, OutSpec, StreamingWriter
+from converter.st_reader import Checkpoint
+from converter.st_writer import OutSpec, StreamingWriter
 
 D = 256
 
@@ -61,7 +62,7 @@ def test_provenance_hash_once_per_file(qwen, tmp_path, monkeypatch):
     """Each output records the LoRA's true sha256; a LoRA named by several outputs is hashed once."""
     import hashlib
 
-    import converter.lora as lora_mod
+    import converter.lorafile as lora_mod
 
     base, truth = qwen
     _loras(truth, tmp_path)
@@ -124,7 +125,8 @@ def test_streaming_writer_memory_does_not_grow_with_tensor_count(tmp_path):
     """Peak RSS of a streamed copy of 4000 tensors equals that of 400: memory is per tensor, not per file."""
     code = textwrap.dedent("""
         import resource, sys, torch
-        from converter.st_io import Checkpoint, OutSpec, StreamingWriter
+        from converter.st_reader import Checkpoint
+        from converter.st_writer import OutSpec, StreamingWriter
         n, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
         specs = [OutSpec(f"t{i:05d}", "BF16", (256, 256)) for i in range(n)]
         w = StreamingWriter(path, specs, {})
@@ -153,7 +155,7 @@ def test_killed_merge_leaves_no_output(qwen, tmp_path):
     out = tmp_path / "killed.safetensors"
     code = textwrap.dedent(f"""
         import os, signal, sys
-        import converter.st_io as io
+        import converter.st_writer as io
         orig = io.StreamingWriter.write_tensor
         count = [0]
         def slow(self, name, t):
@@ -178,7 +180,7 @@ def test_interrupted_merge_cleans_up(qwen, tmp_path):
     _loras(truth, tmp_path)
     out = tmp_path / "int.safetensors"
     code = textwrap.dedent(f"""
-        import converter.st_io as io
+        import converter.st_writer as io
         orig = io.StreamingWriter.write_tensor
         def boom(self, name, t):
             raise KeyboardInterrupt

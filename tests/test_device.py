@@ -12,7 +12,7 @@ from builders import build_qwen_checkpoint
 from lora_builders import random_lora_modules, write_lora
 
 from converter.cli import main
-from converter.st_io import Checkpoint
+from converter.st_reader import Checkpoint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -14,7 +14,7 @@ from lora_builders import random_lora_modules, write_lora
 
 from converter.modulation import evaluation_sigmas, modulation_inputs
 from converter.reference import awq_forward, layer_tensors
-from converter.st_io import Checkpoint
+from converter.st_reader import Checkpoint
 
 D = 256
 MODS = ("transformer_blocks.0.img_mod.1", "transformer_blocks.0.txt_mod.1", "transformer_blocks.1.img_mod.1")
@@ -97,7 +97,7 @@ def test_calibrated_beats_plain_requant(merged, tmp_path):
     rp = json.loads(run(base, lp, "-o", plain, "--json", "--mod", "requant").stdout)
     for l in rp["layers"]:
         if l["method"] == "modulation":
-            assert l["e_plain"] > 1.0 and l["action"] == "skip"  # plain RTN would be worse than nothing: not written
+            assert l["e_requant"] > 1.0 and l["action"] == "skip"  # plain RTN would be worse than nothing: not written
     cal = sorted(effect_error(base, out, m, dws[m], x) for m in MODS)
     pl = sorted(effect_error(base, plain, m, dws[m], x) for m in MODS)
     assert cal[-1] < pl[0] and pl[0] == pytest.approx(1.0)
@@ -124,14 +124,14 @@ def test_verify_catches_non_interleaved_modulation(merged, tmp_path):
     """A merge that added the LoRA in diffusers row order (the runtime loader's bug) fails verify."""
     base, truth, mods, lp, out, rep = merged
     run("verify", base, out, lp, "-q")
-    import converter.transform as pl
+    from mappings.qwen_image import ModulationInterleave
 
-    orig = pl.interleave_rows
+    orig = ModulationInterleave.to_checkpoint
     try:
-        pl.interleave_rows = lambda t, splits: t  # simulate the bug
+        ModulationInterleave.to_checkpoint = lambda self, t: t  # simulate the bug
         bad = tmp_path / "bad.safetensors"
         run(base, lp, "-o", bad, "-q", "--mod", "biasfold")
     finally:
-        pl.interleave_rows = orig
+        ModulationInterleave.to_checkpoint = orig
     res = run("verify", base, bad, lp, ok=False)
     assert res.exit_code == 4 and "e_mod" in res.stdout and "img_mod" in res.stdout

@@ -131,7 +131,7 @@ def test_bias_and_norm_deltas(qwen, tmp_path):
     rep = report(run(base, f"{lp}:0.5", "-o", out, "--json"))
     assert rep["loras"][0]["keys"]["applied"] == len(extra)
     from converter.codecs.svdq_scales import PackedVector
-    from converter.st_io import Checkpoint
+    from converter.st_reader import Checkpoint
 
     with Checkpoint(base) as b, Checkpoint(out) as m:
         for key, delta in extra.items():
@@ -272,7 +272,8 @@ def test_fused_smoothing_is_refused(tmp_path):
 def test_runtime_manifest_ranks_are_updated(tmp_path):
     import json as _json
 
-    from converter.st_io import Checkpoint, OutSpec, StreamingWriter
+    from converter.st_reader import Checkpoint
+    from converter.st_writer import OutSpec, StreamingWriter
 
     src = tmp_path / "b0.safetensors"
     build_qwen_checkpoint(src, blocks=1, dim=D, rank=32)

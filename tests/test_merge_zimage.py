@@ -101,7 +101,7 @@ def test_musubi_fused_qkv_out_and_comfy_aliases(zimage, tmp_path):
     check_merged(base, out, truth, expected_deltas([(canon, 1.0)], truth["target_map"]))
     check_loadable(out)
     with pytest.raises(Exception):
-        from converter.st_io import Checkpoint
+        from converter.st_reader import Checkpoint
 
         with Checkpoint(out) as c:  # the file keeps the base's own key names: no Comfy renames
             c.tensors["layers.0.attention.qkv.qweight"]

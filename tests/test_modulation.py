@@ -160,21 +160,21 @@ def test_e_mod_helper():
     assert e_mod(torch.zeros(3), torch.zeros(3)) == 0.0
 
 
-@pytest.mark.parametrize("mode", ["calibrated", "biasfold", "plain"])
+@pytest.mark.parametrize("mode", ["calibrated", "biasfold", "requant"])
 def test_figures_match_brute_force(tiny, mode):
     """The structured figures equal a per-sigma, float64, dense evaluation of the returned tensors."""
     xc, xe, cal = tiny
     codes, scales, zeros, bias, (up, down) = _layer(128, 16, 0.03, seed=5)
     db = _bf16(torch.randn(bias.shape[0], generator=torch.Generator().manual_seed(9)) * 1e-3)
     dw = up @ down
-    res = merge_modulation(codes, scales, zeros, bias, (up, down), db, cal, xe, mode=mode, plain_figure=True)
+    res = merge_modulation(codes, scales, zeros, bias, (up, down), db, cal, xe, mode=mode, requant_figure=True)
     assert res.action in (mode, "biasfold", "skip")
-    if mode != "plain":
+    if mode != "requant":
         assert res.action == mode
     ref = _brute_force_e(res.codes, res.scales, res.zeros, res.bias, codes, scales, zeros, bias, dw, db, xe)
-    assert res.e_written == pytest.approx(ref, rel=1e-4)
+    assert res.e_mod == pytest.approx(ref, rel=1e-4)
     if res.action == mode:
-        assert res.e_mod == pytest.approx(ref, rel=1e-4)
+        assert res.e_asked == pytest.approx(ref, rel=1e-4)
     if mode == "calibrated":  # the bias fold, rebuilt independently: calibration mean of dY into the bf16 bias
         b_fold = _bf16(bias + db + (dw.double() @ xc.double().mean(0)).float())
         ref_fold = _brute_force_e(codes, scales, zeros, b_fold, codes, scales, zeros, bias, dw, db, xe)
@@ -189,7 +189,7 @@ def test_skip_mode(tiny):
     _, xe, cal = tiny
     codes, scales, zeros, bias, lora = _layer(128, 16, 0.03, seed=5)
     res = merge_modulation(codes, scales, zeros, bias, lora, None, cal, xe, mode="skip")
-    assert res.action == "skip" and res.e_written == 1.0 and res.e_mod == 1.0
+    assert res.action == "skip" and res.e_mod == 1.0 and res.e_asked == 1.0
     assert torch.equal(res.codes, codes) and torch.equal(res.zeros, zeros) and torch.equal(res.bias, bias)
 
 
@@ -203,9 +203,9 @@ def test_plain_figure_brute_force(tiny):
     sp, zp = _bf16((hi - lo) / 15), _bf16(lo)
     q = ((wg - zp[..., None]) / sp[..., None]).round().clamp(0, 15).to(torch.uint8).view_as(codes)
     ref = _brute_force_e(q, sp, zp, bias, codes, scales, zeros, bias, dw, torch.zeros_like(bias), xe)
-    res = merge_modulation(codes, scales, zeros, bias, dw, None, cal, xe, mode="plain")
-    assert res.e_plain == pytest.approx(ref, rel=1e-4)
-    assert res.e_plain > 1.0 and res.action == "skip"  # fresh-grid RTN is worse than skipping: never written
+    res = merge_modulation(codes, scales, zeros, bias, dw, None, cal, xe, mode="requant")
+    assert res.e_requant == pytest.approx(ref, rel=1e-4)
+    assert res.e_requant > 1.0 and res.action == "skip"  # fresh-grid RTN is worse than skipping: never written
     assert torch.equal(res.codes, codes) and torch.equal(res.bias, bias)
 
 
@@ -218,14 +218,14 @@ def test_calibrated_beats_plain_and_biasfold(small):
     ours, folds, plains = [], [], []
     for k in range(3):
         codes, scales, zeros, bias, lora = _layer(256, 32, 0.03, seed=7 + k)
-        res = merge_modulation(codes, scales, zeros, bias, lora, None, cal, xe, plain_figure=True)
+        res = merge_modulation(codes, scales, zeros, bias, lora, None, cal, xe, requant_figure=True)
         assert res.action == "calibrated" and res.codes_changed > 0.01
-        assert res.e_written == res.e_mod <= 1.0
-        ours.append(res.e_mod)
+        assert res.e_mod == res.e_asked <= 1.0
+        ours.append(res.e_asked)
         folds.append(res.e_biasfold_ideal)
-        plains.append(res.e_plain)
-        assert res.e_mod < 0.25 * res.e_plain  # plain requantization is far worse
-        assert res.e_mod < res.e_biasfold  # the bias fold as it can be written (bf16 bias)
+        plains.append(res.e_requant)
+        assert res.e_asked < 0.25 * res.e_requant  # plain requantization is far worse
+        assert res.e_asked < res.e_biasfold  # the bias fold as it can be written (bf16 bias)
     ratio = sorted(o / f for o, f in zip(ours, folds))[1]
     assert ratio <= 0.9, (ours, folds)
 
@@ -237,10 +237,10 @@ def test_calibration_object_and_dense_delta_give_same_result(small):
     b = merge_modulation(codes, scales, zeros, bias, (up, down), None, xc, xe)  # builds its own calibration
     assert torch.equal(a.codes, b.codes) and torch.equal(a.zeros, b.zeros) and torch.equal(a.bias, b.bias)
     c = merge_modulation(codes, scales, zeros, bias, up @ down, None, cal, xe)  # dense dW: same maths
-    assert c.e_mod == pytest.approx(a.e_mod, abs=2e-3)
+    assert c.e_asked == pytest.approx(a.e_asked, abs=2e-3)
     assert float((c.codes != a.codes).float().mean()) < 1e-3
     d = merge_modulation(codes, scales, zeros, bias, (up, down), None, cal, xe)  # deterministic
-    assert torch.equal(a.codes, d.codes) and torch.equal(a.bias, d.bias) and a.e_mod == d.e_mod
+    assert torch.equal(a.codes, d.codes) and torch.equal(a.bias, d.bias) and a.e_asked == d.e_asked
 
 
 def test_weighted_calibration_and_rounding_plan(small):
@@ -258,7 +258,7 @@ def test_weighted_calibration_and_rounding_plan(small):
     assert float((u.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     codes, scales, zeros, bias, lora = _layer(256, 32, 0.03, seed=15)
     res = merge_modulation(codes, scales, zeros, bias, lora, None, cal, xe)
-    assert res.action == "calibrated" and res.e_mod < res.e_biasfold
+    assert res.action == "calibrated" and res.e_asked < res.e_biasfold
 
 
 def test_outputs_are_storable(small):
@@ -282,8 +282,8 @@ def test_falls_back_to_skip_when_every_option_is_worse():
     xe = -torch.rand(200, dim, generator=g) - 1.0  # ... used around -1.5
     codes, scales, zeros, bias, lora = _layer(dim, 16, 0.03, seed=22)
     res = merge_modulation(codes, scales, zeros, bias, lora, None, xc, xe)
-    assert res.e_mod > 1.0 and res.e_biasfold > 1.0
-    assert res.action == "skip" and res.e_written == 1.0 and res.notes
+    assert res.e_asked > 1.0 and res.e_biasfold > 1.0
+    assert res.action == "skip" and res.e_mod == 1.0 and res.notes
     assert torch.equal(res.codes, codes) and torch.equal(res.zeros, zeros) and torch.equal(res.bias, bias)
     assert res.codes_changed == 0.0 and res.bias_changed == 0.0
 
@@ -306,5 +306,5 @@ def test_cuda_matches_cpu(small):
     a = merge_modulation(codes, scales, zeros, bias, lora, None, cal, xe)
     calg = ModulationCalibration.build(xc, device="cuda")
     b = merge_modulation(codes, scales, zeros, bias, lora, None, calg, xe, device="cuda")
-    assert b.e_mod == pytest.approx(a.e_mod, abs=0.02)
+    assert b.e_asked == pytest.approx(a.e_asked, abs=0.02)
     assert float((a.codes != b.codes).float().mean()) < 0.01

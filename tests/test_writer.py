@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import converter.st_io as io
+import converter.st_writer as io
 from builders import build_qwen_checkpoint
 from converter.pipeline import output_order
-from converter.st_io import Checkpoint, OutSpec, StreamingWriter
+from converter.st_reader import Checkpoint
+from converter.st_writer import OutSpec, StreamingWriter
 
 
 def _source(tmp_path):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Codec, require
+from ..layout import Layout
+from . import Codec, LayerCodec, group_dequantize, require
 
 GROUP = 64
 
@@ -53,12 +54,28 @@ class AwqGroupParams(Codec, name="awq_group_params"):
         return p.t().contiguous()
 
 
+class AwqW4A16Layer(LayerCodec, layout=Layout.AWQ_W4A16):
+    """Nunchaku's `AWQW4A16Linear`: W = q·wscales + wzeros per group of 64 inputs, exactly as the gemv kernel
+    decodes it. The stored group params may carry padding rows past I/64 (kept, never read)."""
+
+    weight_parts = ("qweight", "wscales", "wzeros")
+    required_parts = weight_parts
+    group_size = GROUP
+
+    @classmethod
+    def logical_shape(cls, qweight: torch.Tensor) -> tuple[int, int]:
+        return qweight.shape[0] * 4, qweight.shape[1] * 2
+
+    @classmethod
+    def _dequantize(cls, t, o: int, i: int) -> torch.Tensor:
+        ng = i // GROUP
+        ws, wz = t["wscales"], t["wzeros"]
+        require(ws.shape[0] >= ng and ws.shape[1] == o and wz.shape == ws.shape,
+                f"AWQ wscales/wzeros shape {tuple(ws.shape)} does not fit {(o, i)}")
+        return group_dequantize(AwqQWeight.unpack(t["qweight"]), AwqGroupParams.unpack(ws[:ng]),
+                                AwqGroupParams.unpack(wz[:ng]))
+
+
 def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor) -> torch.Tensor:
-    """Packed AWQ tensors -> fp32 W (O, I), exactly as the gemv kernel decodes them."""
-    codes = AwqQWeight.unpack(qweight).to(torch.float32)
-    o, i = codes.shape
-    ng = i // GROUP
-    require(wscales.shape[0] >= ng and wscales.shape[1] == o, f"AWQ wscales shape {tuple(wscales.shape)} does not fit {(o, i)}")
-    s = wscales[:ng].to(torch.float32).t()
-    z = wzeros[:ng].to(torch.float32).t()
-    return (codes.reshape(o, ng, GROUP) * s[..., None] + z[..., None]).reshape(o, i)
+    """Packed AWQ tensors -> fp32 W (O, I)."""
+    return AwqW4A16Layer.dequantize({"qweight": qweight, "wscales": wscales, "wzeros": wzeros})

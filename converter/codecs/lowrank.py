@@ -13,8 +13,9 @@ import torch
 from . import Codec, require
 
 
-def _check(rows: int, cols: int, what: str) -> None:
-    require(rows % 16 == 0 and cols % 16 == 0, f"{what}: shape {(rows, cols)} is not a multiple of 16 in both axes")
+def _check(rank: int, channels: int, what: str) -> None:
+    require(rank % 16 == 0 and channels % 16 == 0,
+            f"{what}: rank {rank} and channels {channels} must both be multiples of 16")
 
 
 # The element pair (e) is innermost both before and after packing, so the permutation runs on int32 pairs, in
@@ -30,48 +31,43 @@ def _from_pairs(a: np.ndarray, like: torch.Tensor, shape: tuple[int, int]) -> to
     return torch.from_numpy(np.ascontiguousarray(a)).view(like.dtype).reshape(shape).to(like.device)
 
 
-class LowRankDown(Codec, name="lowrank_down"):
-    @staticmethod
-    def _tiled(down: torch.Tensor) -> np.ndarray:
-        """(R, I) as int32 pairs, axes permuted into the packed order (ct, rt, l, q, s, t): a strided view."""
-        r, c = down.shape
-        _check(r, c, "proj_down")
-        return _pairs(down).reshape(r // 16, 2, 8, c // 16, 2, 4).transpose(3, 0, 2, 5, 1, 4)  # from rt,s,l,ct,t,q
+class _LowRankTiles(Codec):
+    """One 16-bit factor of the low-rank branch. Logical (rows, cols) is (R, I) for down and (O, R) for up;
+    stored (channels, R): the channel axis is the one the tiles are major in (I for down, O for up)."""
+
+    channels_are_rows: bool
 
     @classmethod
-    def pack(cls, down: torch.Tensor) -> torch.Tensor:
-        """(R, I) -> (I, R)."""
-        r, c = down.shape
-        return _from_pairs(cls._tiled(down), down, (c, r))
+    def _tiled(cls, t: torch.Tensor) -> np.ndarray:
+        """Logical (rows, cols) as int32 pairs, axes permuted into the packed order (ct, rt, l, q, s, t):
+        a strided view. The row coordinate is s*8+l, the column pair t*4+q."""
+        rows, cols = t.shape
+        _check(*((cols, rows) if cls.channels_are_rows else (rows, cols)), cls.name)
+        a = _pairs(t).reshape(rows // 16, 2, 8, cols // 16, 2, 4)  # row tile, s, l, column tile, t, q
+        return a.transpose(0, 3, 2, 5, 1, 4) if cls.channels_are_rows else a.transpose(3, 0, 2, 5, 1, 4)
+
+    @classmethod
+    def pack(cls, t: torch.Tensor) -> torch.Tensor:
+        """Logical (R, I) -> (I, R) for down; (O, R) -> (O, R) for up."""
+        rows, cols = t.shape
+        return _from_pairs(cls._tiled(t), t, (rows, cols) if cls.channels_are_rows else (cols, rows))
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> torch.Tensor:
-        """(I, R) -> (R, I)."""
         c, r = packed.shape
-        _check(r, c, "proj_down")
+        _check(r, c, cls.name)
         a = _pairs(packed).reshape(c // 16, r // 16, 8, 4, 2, 2)  # ct, rt, l, q, s, t
+        if cls.channels_are_rows:
+            return _from_pairs(a.transpose(0, 4, 2, 1, 5, 3), packed, (c, r))
         return _from_pairs(a.transpose(1, 4, 2, 0, 5, 3), packed, (r, c))
 
 
-class LowRankUp(Codec, name="lowrank_up"):
-    @staticmethod
-    def _tiled(up: torch.Tensor) -> np.ndarray:
-        c, r = up.shape
-        _check(r, c, "proj_up")
-        return _pairs(up).reshape(c // 16, 2, 8, r // 16, 2, 4).transpose(0, 3, 2, 5, 1, 4)  # from ct,s,l,rt,t,q
+class LowRankDown(_LowRankTiles, name="lowrank_down"):
+    channels_are_rows = False
 
-    @classmethod
-    def pack(cls, up: torch.Tensor) -> torch.Tensor:
-        """(O, R) -> (O, R)."""
-        c, r = up.shape
-        return _from_pairs(cls._tiled(up), up, (c, r))
 
-    @classmethod
-    def unpack(cls, packed: torch.Tensor) -> torch.Tensor:
-        c, r = packed.shape
-        _check(r, c, "proj_up")
-        a = _pairs(packed).reshape(c // 16, r // 16, 8, 4, 2, 2)  # ct, rt, l, q, s, t
-        return _from_pairs(a.transpose(0, 4, 2, 1, 5, 3), packed, (c, r))
+class LowRankUp(_LowRankTiles, name="lowrank_up"):
+    channels_are_rows = True
 
 
 def pad_rank(t: torch.Tensor, rank: int, down: bool) -> torch.Tensor:

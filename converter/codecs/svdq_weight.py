@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from . import Codec, require
+from ..layout import Layout
+from . import Codec, LayerCodec, group_dequantize, require
+from .svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
 
 # (nt, p, s, l, kt, sk, lk, r) -> on-disk order (nt, kt, p, l, lk, s, sk, r)
 _TO_DISK = (0, 4, 1, 3, 6, 2, 5, 7)
@@ -60,3 +62,53 @@ class SvdqQWeightNvfp4(_SvdqQWeight, name="svdq_qweight_nvfp4"):
     """Codes are e2m1 bit patterns 0..15; `E2M1_VALUES[codes]` gives their values."""
 
     signed = False
+
+
+class _SvdqLayer(LayerCodec):
+    """Nunchaku's `SVDQW4A4Linear` main path: `dequantize` gives Ŵ·diag(wcscales)·wtscale, the weight that
+    multiplies the smoothed input x ⊘ smooth_factor (the low-rank branch is separate: codecs.lowrank)."""
+
+    weight_parts = ("qweight", "wscales", "smooth_factor", "smooth_factor_orig", "wcscales", "wtscale")
+    required_parts = ("qweight", "wscales")
+    codes: type[_SvdqQWeight]
+    scales: type[Codec]
+
+    @classmethod
+    def logical_shape(cls, qweight: torch.Tensor) -> tuple[int, int]:
+        return qweight.shape[0], qweight.shape[1] * 2
+
+    @classmethod
+    def _dequantize(cls, t, o: int, i: int) -> torch.Tensor:
+        s = cls.scales.unpack(t["wscales"])
+        require(tuple(s.shape) == (o, i // cls.group_size), f"{cls.layout.value}: wscales do not fit {(o, i)}")
+        return cls._channel_scales(group_dequantize(cls._values(cls.codes.unpack(t["qweight"])), s), t)
+
+    @classmethod
+    def _values(cls, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float()
+
+    @classmethod
+    def _channel_scales(cls, w: torch.Tensor, t) -> torch.Tensor:
+        return w
+
+
+class SvdqInt4Layer(_SvdqLayer, layout=Layout.SVDQ_INT4):
+    codes, scales, group_size = SvdqQWeightInt4, WScalesInt4, 64
+
+
+class SvdqNvfp4Layer(_SvdqLayer, layout=Layout.SVDQ_NVFP4):
+    """e2m1 codes, fp8 micro-scales per 16 inputs, then the per-tensor wtscale and per-channel wcscales."""
+
+    codes, scales, group_size = SvdqQWeightNvfp4, WScalesNvfp4, 16
+
+    @classmethod
+    def _values(cls, codes: torch.Tensor) -> torch.Tensor:
+        return E2M1_VALUES[codes.long()]
+
+    @classmethod
+    def _channel_scales(cls, w: torch.Tensor, t) -> torch.Tensor:
+        if "wtscale" in t:
+            w = w * t["wtscale"].float().reshape(())
+        if "wcscales" in t:
+            w = w * PackedVector.unpack(t["wcscales"]).float()[:, None]
+        return w

@@ -1,9 +1,8 @@
-"""LoRA files: parse the key zoo into modules, and account for every key.
+"""LoRA files: parse the key zoo into modules, split each module into adapters, and account for every key.
 
-A key is split into (prefix, module, part). Parts: A/B (lora_A/lora_B, lora_down/lora_up, lora.down/up,
-lora_linear_layer.down/up, PEFT adapter-named), alpha, diff (full delta), diff_b / B-bias (bias delta).
-Each key ends in exactly one bucket: a module part (applied later, or unmapped if its module has no target),
-ignored by rule (listed with the rule), or unsupported (listed with the reason).
+A key is split into (prefix, module, part). Each key ends in exactly one bucket: a part of some adapter
+(applied later, or unmapped if its module has no target), ignored by rule (listed with the rule), or
+unsupported (listed with the reason).
 """
 
 from __future__ import annotations
@@ -16,31 +15,17 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from . import adapters
 from .errors import MergeError, UnsupportedFormat
-from .st_io import Checkpoint
-
-if TYPE_CHECKING:
-    import torch
+from .st_reader import Checkpoint
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names
 DOT_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoders?[._]|te\d?[._]|lora_te[._]|text_model[._]|conditioner[._])")
 
-_PARTS: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"^(?P<m>.+)\.lora_(?P<p>A|B)(?:\.(?P<ad>[^.]+))?\.weight$"), ""),
-    (re.compile(r"^(?P<m>.+)\.lora_(?P<p>down|up)(?:\.(?P<ad>[^.]+))?\.weight$"), ""),
-    (re.compile(r"^(?P<m>.+)\.lora\.(?P<p>down|up)\.weight$"), ""),
-    (re.compile(r"^(?P<m>.+)\.lora_linear_layer\.(?P<p>down|up)\.weight$"), ""),
-    (re.compile(r"^(?P<m>.+)\.(?:alpha|lora_alpha)$"), "alpha"),
-    (re.compile(r"^(?P<m>.+)\.diff$"), "diff"),
-    (re.compile(r"^(?P<m>.+)\.diff_b$"), "diff_b"),
-    (re.compile(r"^(?P<m>.+)\.lora_(?:B|up)(?:\.(?P<ad>[^.]+))?\.bias$"), "diff_b"),
-]
-_PART_NAMES = {"A": "A", "down": "A", "B": "B", "up": "B"}
-_UNSUPPORTED: list[tuple[re.Pattern, str]] = [
+UNSUPPORTED: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.dora_scale$"), "DoRA magnitude (dora_scale) cannot be merged into a 4-bit model"),
     (re.compile(r"\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t2)$"), "LoKr is not supported (convert it to a plain LoRA first)"),
     (re.compile(r"\.hada_(w1_a|w1_b|w2_a|w2_b|t1|t2)$"), "LoHa is not supported (convert it to a plain LoRA first)"),
@@ -111,6 +96,8 @@ class LoraModule:
     name: str  # after prefix stripping; dotted, or underscore form if `underscore`
     underscore: bool
     keys: dict[str, str] = field(default_factory=dict)  # part -> original key
+    adapters: list[adapters.Adapter] = field(default_factory=list)
+    leftover: dict[str, str] = field(default_factory=dict)  # parts no adapter type took (e.g. a lone alpha)
 
 
 @dataclass
@@ -118,10 +105,10 @@ class LoraFile:
     path: str
     strength: float
     ckpt: Checkpoint
-    format: str
-    modules: dict[tuple[str, bool], LoraModule]
-    ignored: list[tuple[str, str]]  # (key, rule)
-    unsupported: list[tuple[str, str]]  # (key, reason)
+    format: str = ""
+    modules: dict[tuple[str, bool], LoraModule] = field(default_factory=dict)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (key, rule)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     default_alpha: float | None = None  # from diffusers' lora_adapter_metadata, when present
     rslora: bool = False
     _sha256: str | None = None
@@ -144,28 +131,6 @@ class LoraFile:
             self._hasher = None
         return self._sha256
 
-    def tensor(self, key: str) -> torch.Tensor:
-        return self.ckpt.get(key).float()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.ckpt.tensors[key].shape
-
-    def alpha(self, mod: LoraModule) -> float | None:
-        key = mod.keys.get("alpha")
-        if key is None:
-            return self.default_alpha
-        if math.prod(self.ckpt.tensors[key].shape) != 1:
-            raise MergeError(f"{self.name}: alpha {key} is not a scalar")
-        return self.ckpt.scalar(key)
-
-    def scale(self, mod: LoraModule) -> float:
-        """strength * alpha / rank for this module (rank of its own A); alpha absent -> alpha/rank = 1."""
-        alpha = self.alpha(mod)
-        if alpha is None or "A" not in mod.keys:
-            return self.strength
-        r = self.shape(mod.keys["A"])[0]
-        return self.strength * alpha / (math.sqrt(r) if self.rslora else r)
-
 
 def parse_spec(spec: str) -> tuple[str, float]:
     """`path[:strength]`; the strength is taken only when what follows the last ':' is a number."""
@@ -181,7 +146,8 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _strip(key: str) -> tuple[str, bool, list[str]]:
+def strip_prefixes(key: str) -> tuple[str, bool, list[str]]:
+    """(key without its trainer prefixes, whether it is in kohya's underscore form, the prefixes removed)."""
     used = []
     changed = True
     while changed:
@@ -219,89 +185,80 @@ def _adapter_defaults(meta: dict[str, str]) -> tuple[float | None, bool]:
     return (float(alpha) if alpha is not None else None), rs
 
 
-def _describe_format(prefixes: Counter, suffixes: Counter, adapters: set[str]) -> str:
-    parts = []
-    if prefixes.get("lora_unet_"):
-        parts.append("kohya/musubi (lora_unet_)")
-    if prefixes.get("lycoris_"):
-        parts.append("LyCORIS (lycoris_)")
-    if prefixes.get("lora_transformer_"):
-        parts.append("kohya-style (lora_transformer_)")
-    if prefixes.get("diffusion_model.") or prefixes.get("model.diffusion_model."):
+def _describe_format(prefixes: Counter, styles: Counter, peft_names: set[str], types: Counter) -> str:
+    kohya = prefixes.get("lora_unet_") or prefixes.get("lycoris_") or prefixes.get("lora_transformer_")
+    parts = [label for prefix, label in (
+        ("lora_unet_", "kohya/musubi (lora_unet_)"), ("lycoris_", "LyCORIS (lycoris_)"),
+        ("lora_transformer_", "kohya-style (lora_transformer_)"),
+        ("diffusion_model.", "ComfyUI/ai-toolkit (diffusion_model.)"), ("base_model.model.", "PEFT (base_model.model.)"),
+        ("transformer.", "diffusers pipeline (transformer.)")) if prefixes.get(prefix)]
+    if prefixes.get("model.diffusion_model.") and not prefixes.get("diffusion_model."):
         parts.append("ComfyUI/ai-toolkit (diffusion_model.)")
-    if prefixes.get("base_model.model."):
-        parts.append("PEFT (base_model.model.)")
-    if prefixes.get("transformer."):
-        parts.append("diffusers pipeline (transformer.)")
-    if adapters:
-        parts.append(f"PEFT adapter-named ({', '.join(sorted(adapters))})")
-    if suffixes.get("down/up") and not (prefixes.get("lora_unet_") or prefixes.get("lycoris_") or prefixes.get("lora_transformer_")):
-        parts.append("lightx2v-style (lora_down/lora_up" + (" + alpha)" if suffixes.get("alpha") else ")"))
-    if suffixes.get("A/B") and not parts:
+    if peft_names:
+        parts.append(f"PEFT adapter-named ({', '.join(sorted(peft_names))})")
+    if styles.get("down/up") and not kohya:
+        parts.append("lightx2v-style (lora_down/lora_up" + (" + alpha)" if styles.get("alpha") else ")"))
+    if styles.get("A/B") and not parts:
         parts.append("diffusers/PEFT (lora_A/lora_B)")
-    if suffixes.get("diff") and not parts:
+    if styles.get("diff") and not parts:
         parts.append("full/bias deltas (.diff)")
-    return " + ".join(parts) if parts else "unknown"
+    kinds = [t for t in types if t not in ("LoRA", "bias delta", "full diff")]  # named: LoKr, LoHa, DoRA
+    text = " + ".join(parts) if parts else "unknown"
+    return f"{text}; {', '.join(sorted(types))}" if kinds else text
+
+
+def _match(key: str) -> tuple[str, str, str | None, str] | None:
+    """(module, part, PEFT adapter name, spelling style) of a stripped key, or None."""
+    for pat, _ in adapters.key_patterns():
+        m = pat.match(key)
+        if m:
+            return (*m, pat.style)
+    return None
+
+
+def _parse_keys(lf: LoraFile) -> tuple[Counter, Counter, set[str]]:
+    """Sort every key of the file into a module part, the ignored list or the unsupported list."""
+    prefixes, styles, peft_names = Counter(), Counter(), set()
+    for key in lf.ckpt.keys():
+        if TEXT_ENCODER.match(key):
+            lf.ignored.append((key, "text-encoder LoRA (this tool merges the diffusion transformer only)"))
+            continue
+        reason = next((r for rx, r in UNSUPPORTED if rx.search(key)), None)
+        stripped, underscore, used = strip_prefixes(key)
+        m = None if reason else _match(stripped)
+        if m is None:
+            lf.unsupported.append((key, reason or "not a LoRA key this tool understands"))
+            continue
+        module, part, peft_name, style = m
+        prefixes.update(used)
+        styles[style] += 1
+        if peft_name:
+            peft_names.add(peft_name)
+        mod = lf.modules.setdefault((module, underscore), LoraModule(module, underscore))
+        if part in mod.keys:
+            raise UnsupportedFormat(f"{lf.name}: module {mod.name} has two '{part}' tensors "
+                                    f"({mod.keys[part]}, {key}); several adapters in one file are not supported")
+        mod.keys[part] = key
+    return prefixes, styles, peft_names
 
 
 def open_lora(spec: str) -> LoraFile:
     path, strength = parse_spec(spec)
     if not os.path.isfile(path):
         raise MergeError(f"LoRA file not found: {path}")
-    ckpt = Checkpoint(path)
-    modules: dict[tuple[str, bool], LoraModule] = {}
-    ignored, unsupported = [], []
-    prefixes, suffixes = Counter(), Counter()
-    adapters: set[str] = set()
-    for key in ckpt.keys():
-        if TEXT_ENCODER.match(key):
-            ignored.append((key, "text-encoder LoRA (this tool merges the diffusion transformer only)"))
-            continue
-        reason = next((r for rx, r in _UNSUPPORTED if rx.search(key)), None)
-        if reason:
-            unsupported.append((key, reason))
-            continue
-        stripped, underscore, used = _strip(key)
-        for rx, fixed in _PARTS:
-            m = rx.match(stripped)
-            if m:
-                break
-        else:
-            unsupported.append((key, "not a LoRA key this tool understands"))
-            continue
-        prefixes.update(used)
-        part = fixed or _PART_NAMES[m.group("p")]
-        if not fixed:
-            suffixes["A/B" if m.group("p") in "AB" else "down/up"] += 1
-        else:
-            suffixes[fixed] += 1
-        if m.groupdict().get("ad"):
-            adapters.add(m.group("ad"))
-        mod = modules.setdefault((m.group("m"), underscore), LoraModule(m.group("m"), underscore))
-        if part in mod.keys:
-            raise UnsupportedFormat(f"{os.path.basename(path)}: module {mod.name} has two '{part}' tensors "
-                                    f"({mod.keys[part]}, {key}); several adapters in one file are not supported")
-        mod.keys[part] = key
-    if len(adapters) > 1:
-        raise UnsupportedFormat(f"{os.path.basename(path)}: holds several PEFT adapters ({', '.join(sorted(adapters))}); "
-                                "save one adapter per file")
-    alpha, rslora = _adapter_defaults(ckpt.metadata)
-    lf = LoraFile(path, strength, ckpt, _describe_format(prefixes, suffixes, adapters), modules, ignored, unsupported,
-                  default_alpha=alpha, rslora=rslora)
-    for mod in modules.values():
-        _check_module(lf, mod)
+    lf = LoraFile(path, strength, Checkpoint(path))
+    try:
+        prefixes, styles, peft_names = _parse_keys(lf)
+        if len(peft_names) > 1:
+            raise UnsupportedFormat(f"{lf.name}: holds several PEFT adapters ({', '.join(sorted(peft_names))}); "
+                                    "save one adapter per file")
+        lf.default_alpha, lf.rslora = _adapter_defaults(lf.ckpt.metadata)
+        types: Counter = Counter()
+        for mod in lf.modules.values():
+            mod.adapters, mod.leftover = adapters.claim(lf, mod.name, mod.keys)
+            types.update(a.title for a in mod.adapters)
+        lf.format = _describe_format(prefixes, styles, peft_names, types)
+    except BaseException:
+        lf.ckpt.close()
+        raise
     return lf
-
-
-def _check_module(lf: LoraFile, mod: LoraModule) -> None:
-    has_a, has_b = "A" in mod.keys, "B" in mod.keys
-    if has_a != has_b:
-        missing = "lora_B/lora_up" if has_a else "lora_A/lora_down"
-        raise MergeError(f"{lf.name}: module {mod.name} has no {missing} tensor")
-    if has_a:
-        a, b = lf.shape(mod.keys["A"]), lf.shape(mod.keys["B"])
-        if len(a) != 2 or len(b) != 2:
-            raise UnsupportedFormat(f"{lf.name}: module {mod.name} has non-matrix LoRA weights {a} / {b} "
-                                    "(convolution LoRAs are not supported)")
-        if a[0] != b[1]:
-            raise MergeError(f"{lf.name}: module {mod.name} has lora_A rank {a[0]} but lora_B rank {b[1]}")

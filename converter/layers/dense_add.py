@@ -1,0 +1,113 @@
+"""16-bit layers (bf16/fp16 `nn.Linear` weights, and 1-D parameters such as norm weights): W += ΔW in fp32,
+stored once in the original dtype, so the only error is the rounding of W + ΔW itself (the floor)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING
+
+from ..layout import Layout
+from . import LayerKind
+
+if TYPE_CHECKING:
+    from ..layout import Layer
+    from ..planner import LayerOp, Plan
+    from . import MergeContext, VerifyContext
+
+DENSE_FLOOR_FACTOR = 1.5  # verify: within 1.5x the rounding floor of W+ΔW
+FRACTION_TOL = 1e-2
+
+
+class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
+    name = "dense_add"
+
+    @classmethod
+    def apply(cls, ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp | None):
+        from ..factors import check_finite, dense_record
+        from .deltas import bias_delta, dense_delta
+
+        if op is None:
+            return {}, None
+        out, rec = {}, {}
+        if op.weight_contributions:
+            w = ctx.base.get(layer.key("weight"))
+            dw = dense_delta(op, ctx.device, base=w.float() if op.needs_base else None)
+            new = (w.to(ctx.device, dtype=dw.dtype) + dw).to(w.dtype)
+            out[layer.key("weight")] = check_finite(layer.key("weight"), new).cpu()
+            rec = dense_record(w.to(ctx.device), new, dw)
+        if op.bias_contributions:
+            b, db = ctx.base.get(layer.key("bias")), bias_delta(op)
+            new = (b.float() + db).to(b.dtype)
+            out[layer.key("bias")] = check_finite(layer.key("bias"), new)
+            rec["bias"] = dense_record(b, new, db)
+        return out, rec
+
+    @classmethod
+    def verify(cls, ctx: VerifyContext, plan: Plan, layer: Layer, op: LayerOp | None) -> dict | None:
+        probs: list[str] = []
+        rec: dict = {"layer": layer.prefix, "kind": cls.name}
+        if op is None or not op.weight_contributions:
+            if not ctx.unchanged(layer.key("weight")):
+                probs.append("weight changed although no LoRA targets it")
+        else:
+            rec |= _weight_figures(ctx, layer, op, probs)
+        if layer.has_bias:
+            _check_bias(ctx, layer, op, probs)
+        return rec | {"ok": not probs, "problems": probs}
+
+    @classmethod
+    def summarize(cls, records: list[dict]) -> dict:
+        out = super().summarize(records)
+        fl = [r["rel_error"] / r["rounding_floor"] for r in records if r.get("rounding_floor")]
+        if fl:
+            out["max_over_rounding_floor"] = max(fl)
+        fr = [r["applied_fraction"] for r in records if "applied_fraction" in r]
+        if fr:
+            out["applied_fraction_min"], out["applied_fraction_max"] = min(fr), max(fr)
+            out["applied_fraction_median"] = statistics.median(fr)
+        return out
+
+    @classmethod
+    def render_summary(cls, d: dict) -> str | None:
+        line = super().render_summary(d)
+        if line is None:
+            return None
+        if "max_over_rounding_floor" in d:
+            line += f" ({d['max_over_rounding_floor']:.2f}x the 16-bit rounding floor)"
+        if "applied_fraction_min" in d:
+            line += f", applied fraction {d['applied_fraction_min']:.4f}..{d['applied_fraction_max']:.4f}"
+        return line
+
+
+class VectorAdd(DenseAdd, layouts=(Layout.VECTOR,)):
+    """1-D parameters (norm weights): the same maths on a vector."""
+
+    name = "vector_add"
+
+
+def _weight_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[str]) -> dict:
+    from ..factors import dense_record
+    from .deltas import dense_delta
+
+    w0, w1 = ctx.base.get(layer.key("weight")), ctx.merged.get(layer.key("weight"))
+    rec = dense_record(w0, w1, dense_delta(op, base=w0.float() if op.needs_base else None))
+    rec.pop("delta_norm")
+    if rec["rel_error"] > DENSE_FLOOR_FACTOR * rec["rounding_floor"] + 1e-7:
+        probs.append(f"error {rec['rel_error']:.3g} above {DENSE_FLOOR_FACTOR}x the rounding floor "
+                     f"{rec['rounding_floor']:.3g}")
+    if abs(rec["applied_fraction"] - 1) > FRACTION_TOL:
+        probs.append(f"applied fraction {rec['applied_fraction']:.4f}")
+    return rec
+
+
+def _check_bias(ctx: VerifyContext, layer: Layer, op: LayerOp | None, probs: list[str]) -> None:
+    import torch
+
+    from .deltas import bias_delta
+
+    db = bias_delta(op) if op is not None else None
+    b0, b1 = ctx.base.get(layer.key("bias")), ctx.merged.get(layer.key("bias"))
+    if db is None and not ctx.unchanged(layer.key("bias")):
+        probs.append("bias changed although no LoRA targets it")
+    elif db is not None and not torch.allclose(b1.float(), (b0.float() + db).to(b0.dtype).float()):
+        probs.append("bias differs from base + bias delta")

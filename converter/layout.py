@@ -1,0 +1,108 @@
+"""The vocabulary shared by the converter and the model families: layouts, layers, row segments, and the
+`Family` base class. A leaf module: it imports nothing of the converter, so `mappings/` can import it
+without importing anything that imports `mappings` back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Layout(str, Enum):
+    """How a layer's weight is stored in the checkpoint."""
+
+    SVDQ_INT4 = "svdq-int4"
+    SVDQ_NVFP4 = "svdq-nvfp4"
+    AWQ_W4A16 = "awq-w4a16"
+    DENSE = "dense"  # plain 16-bit nn.Linear
+    VECTOR = "vector"  # a 1-D parameter such as a norm weight
+
+    @property
+    def is_svdq(self) -> bool:
+        return self in (Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.is_svdq or self == Layout.AWQ_W4A16
+
+
+@dataclass(frozen=True)
+class Layer:
+    prefix: str
+    layout: Layout
+    in_features: int
+    out_features: int
+    has_bias: bool
+    rank: int = 0  # SVDQ low-rank branch width
+    dtype: str = "BF16"  # dtype of the 16-bit tensors of this layer
+
+    def key(self, part: str) -> str:
+        return f"{self.prefix}.{part}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [lora_start, lora_start+rows) of a LoRA module's output land on rows
+    [target_start, target_start+rows) of checkpoint layer `target`."""
+
+    target: str
+    target_start: int
+    lora_start: int
+    rows: int
+    component: str = ""  # e.g. "q", "w3": for reports
+
+
+def whole(layer: Layer) -> list[Segment]:
+    return [Segment(layer.prefix, 0, 0, layer.out_features)]
+
+
+def split_rows(layer: Layer, names: tuple[str, ...]) -> dict[str, list[Segment]]:
+    """Per-component segments of a layer whose rows are the concatenation of equal parts `names`."""
+    n = layer.out_features // len(names)
+    return {c: [Segment(layer.prefix, i * n, 0, n, c)] for i, c in enumerate(names)}
+
+
+def fused_over(layers: list[Layer], names: tuple[str, ...]) -> list[Segment]:
+    """A fused LoRA module (e.g. qkv) whose row parts land on separate layers."""
+    out, start = [], 0
+    for layer, c in zip(layers, names):
+        out.append(Segment(layer.prefix, 0, start, layer.out_features, c))
+        start += layer.out_features
+    return out
+
+
+class RowOrder(Protocol):
+    """A layer whose stored output rows are a permutation of the rows a LoRA (diffusers) addresses."""
+
+    def to_checkpoint(self, t: torch.Tensor) -> torch.Tensor:
+        """LoRA row order -> checkpoint row order (rows are the first axis)."""
+
+    def to_lora(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse."""
+
+
+class Family:
+    """A model family: how LoRA module names map onto a Nunchaku checkpoint's layers. Subclasses are data plus
+    small pure methods (one module per family under `mappings/`); the logic lives in the converter."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    model_class: ClassVar[str]
+    signatures: ClassVar[tuple[str, ...]] = ()  # regexes recognising this family's LoRA modules
+    # the timestep embedder that feeds the AWQ modulation layers (empty: the family has none)
+    timestep_keys: ClassVar[Mapping[str, str]] = {}
+
+    def matches(self, metadata: Mapping[str, str], tensors: Mapping) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def lora_targets(self, layers: Mapping[str, Layer]) -> dict[str, list[Segment]]:  # pragma: no cover
+        """{LoRA module name: the row segments of checkpoint layers it lands on}."""
+        raise NotImplementedError
+
+    def row_order(self, prefix: str) -> RowOrder | None:
+        """The stored row permutation of layer `prefix`, if it has one."""
+        return None

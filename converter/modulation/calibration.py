@@ -1,0 +1,250 @@
+"""Everything of the calibrated requantization that depends on the calibration inputs alone
+(`ModulationCalibration`, built once and shared by all layers), and the rounding engine that uses it."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..codecs.awq_w4a16 import GROUP
+
+DEFAULT_TAIL = 512
+DEFAULT_DAMP = 3e-3
+
+
+@contextmanager
+def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
+    """Run torch CPU ops on at most n threads inside the block (restored afterwards).
+
+    Short vector ops lose more to a parallel region than they gain, and far more when the cores are shared.
+    """
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cpu":
+        return True
+    default = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (default if a.index is None else a.index) == (default if b.index is None else b.index)
+
+
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(torch.float32)
+
+
+def ulp_bf16(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of the bf16 grid at |t| (fp32)."""
+    a = t.abs().to(torch.bfloat16)
+    return torch.nextafter(a, torch.full_like(a, math.inf)).float() - a.float()
+
+
+def check_bf16_exact(name: str, t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    if not torch.equal(bf16(t), t):
+        raise ValueError(f"{name} must hold bf16-representable values (they come from a bf16 checkpoint)")
+    return t
+
+
+@dataclass(eq=False)
+class ModulationCalibration:
+    """Everything that depends only on the calibration inputs; build once, reuse for every layer.
+
+    Free variables (canonical order): [bias, codes of the `tail` columns, one zero shift per group]. `comp`
+    (N', I) maps the error left on the kept columns to the continuous optimum of the free ones (zero on the tail
+    columns). `gram` / `lam`: their (uncentered, weighted) Gram and ridge. The rounding order and the GPTQ
+    update rows depend on the layer's step sizes and come from `rounding_plan`.
+    """
+
+    in_features: int
+    group_size: int
+    tail: torch.Tensor  # (m,) code columns that may change
+    mean: torch.Tensor  # (I,) weighted mean of x over calibration sigmas
+    comp: torch.Tensor  # (N', I)
+    gram: torch.Tensor  # (N', N') undamped Gram of the free variables
+    lam: torch.Tensor  # (N',) the ridge added to it
+    select: torch.Tensor  # (N', I): Z = gram[:, 0] (x) (b_fold - b*) - select @ dW.T (see merge_modulation)
+    gram_damped: torch.Tensor  # (N', N') float64, gram + diag(lam)
+    damp: float
+    n_points: int
+    device: torch.device
+    build_seconds: float = 0.0
+
+    def rounding_plan(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rounding order and GPTQ update rows for free variables whose grid steps are `steps` (N',).
+
+        Sequential rounding leaves each variable's rounding error weighted by its variance conditional on the
+        variables rounded after it, so the order is built from the end: repeatedly take the variable with the
+        smallest step-scaled conditional variance given those already taken (a minimum-pivot Cholesky of the
+        damped Gram). The bias is always rounded first (it is re-fitted at the end). Returns (perm (N',): the
+        canonical indices in rounding order, U (N', N') fp32: upper Cholesky factor of the inverse damped Gram
+        in that order).
+        """
+        h = self.gram_damped
+        dev = h.device
+        d = steps.to(dev, torch.float64).clamp_min(1e-30)
+        a = h[1:, 1:] * d[1:, None] * d[None, 1:]
+        alive = torch.arange(a.shape[0], device=dev)  # original index of each row of `a`
+        big = torch.finfo(torch.float64).max
+        picks: list[int] = []
+        with cpu_threads(1, dev):
+            while alive.numel():
+                for _ in range(min(64, alive.numel())):  # then drop the rows taken, to shrink the updates
+                    j = int(torch.argmin(a.diagonal()))
+                    picks.append(int(alive[j]))
+                    col = a[:, j] / a[j, j].clamp_min(1e-300).sqrt()
+                    a.addr_(col, col, alpha=-1.0)
+                    a[j, j] = big  # row and column j are now zero: it stays out of the argmin
+                keep = a.diagonal() < big
+                a = a[keep][:, keep]
+                alive = alive[keep]
+        order = torch.tensor(picks[::-1], dtype=torch.long, device=dev)
+        perm = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + order])
+        hp = h[perm][:, perm]
+        # U with inv(hp) = U^T U, U upper: with J the reversal, J hp J = L L^T gives U = J inv(L) J
+        lr = torch.linalg.cholesky(hp.flip(0, 1))
+        eye = torch.eye(lr.shape[0], dtype=lr.dtype, device=dev)
+        u = torch.linalg.solve_triangular(lr, eye, upper=False).flip(0, 1)
+        return perm, u.float()
+
+    @property
+    def n_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @classmethod
+    def build(
+        cls,
+        x_calib: torch.Tensor,
+        *,
+        group_size: int = GROUP,
+        tail: int | None = DEFAULT_TAIL,
+        damp: float = DEFAULT_DAMP,
+        weights: torch.Tensor | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "ModulationCalibration":
+        """x_calib (n, I): modulation inputs at the calibration sigmas. `tail`: how many code columns may change
+        (None = all). `damp`: ridge, relative to each variable's centered variance. `weights` (n,): per-sigma
+        weights (e.g. extra weight on sigma = 0 for `zero_cond_t` edit models)."""
+        t0 = time.perf_counter()
+        dev = torch.device(device)
+        x = x_calib.to(device=dev, dtype=torch.float64)
+        if x.ndim != 2:
+            raise ValueError("x_calib must be (n, I)")
+        n, in_f = x.shape
+        if in_f % group_size:
+            raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+        ng = in_f // group_size
+        w = torch.ones(n, dtype=torch.float64, device=dev) if weights is None else weights.to(dev, torch.float64)
+        if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError("weights must be (n,), non-negative, not all zero")
+        wsum = w.sum()
+        mean = (w[:, None] * x).sum(0) / wsum
+        var = (w[:, None] * (x - mean) ** 2).sum(0)  # centered second moments (sums)
+        xg = x.view(n, ng, group_size).sum(-1)  # zero-shift features
+        varg = (w[:, None] * (xg - (w[:, None] * xg).sum(0) / wsum) ** 2).sum(0)
+
+        order = torch.argsort(var, descending=True, stable=True)
+        m = in_f if tail is None else max(0, min(int(tail), in_f))
+        tail_idx = order[in_f - m :]
+        head_idx = order[: in_f - m]
+
+        feats = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=dev), x[:, tail_idx], xg], dim=1)
+        wf = feats * w[:, None]
+        gram = wf.T @ feats  # (N', N')
+        floor = 1e-9 * float(var.mean()) + 1e-30
+        lam = torch.cat(
+            [torch.full((1,), 1e-9 * float(wsum), dtype=torch.float64, device=dev), var[tail_idx], varg]
+        ).clamp_min(floor)
+        gram_damped = gram.clone()
+        gram_damped.diagonal().add_(damp * lam)
+        chol = torch.linalg.cholesky(gram_damped)
+        comp = torch.zeros(gram.shape[0], in_f, dtype=torch.float64, device=dev)
+        if head_idx.numel():
+            comp[:, head_idx] = torch.cholesky_solve(wf.T @ x[:, head_idx], chol)
+        select = gram_damped @ comp
+        select[:, tail_idx] += gram[:, 1 : 1 + m]
+        return cls(
+            in_features=in_f,
+            group_size=group_size,
+            tail=tail_idx,
+            mean=mean.float(),
+            comp=comp.float(),
+            gram=gram.float(),
+            lam=(damp * lam).float(),
+            select=select.float(),
+            gram_damped=gram_damped,
+            damp=damp,
+            n_points=n,
+            device=dev,
+            build_seconds=time.perf_counter() - t0,
+        )
+
+
+def sequential_round(
+    targets: torch.Tensor,
+    perm: torch.Tensor,
+    u: torch.Tensor,
+    s_t: torch.Tensor,
+    z_t: torch.Tensor,
+    z_g: torch.Tensor,
+    block: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ-style rounding of the free variables, vectorized over rows (layout: variables x rows).
+
+    targets (N', O): continuous targets in value space, canonical order [bias; tail weights; zero shifts].
+    perm (N',): rounding order (canonical indices); u: the matching update rows. s_t, z_t (m, O): scale and zero
+    of each tail weight. z_g (ng, O): base zeros. Returns (bias (O,), codes (m, O) float, new zeros (ng, O)).
+    Each variable is rounded to its own grid (bias: bf16; weight: code 0..15 on its group's grid; zero: bf16)
+    and its rounding error is pushed onto the variables not yet rounded.
+    """
+    work = targets.index_select(0, perm)
+    nvar, o = work.shape
+    m = s_t.shape[0]
+    s_safe = torch.where(s_t > 0, s_t, torch.ones_like(s_t))
+    codes = torch.empty(m, o, dtype=work.dtype, device=work.device)
+    new_zeros = torch.empty_like(z_g)
+    bias = torch.empty(o, dtype=work.dtype, device=work.device)
+    udiag = u.diagonal().tolist()
+    order = perm.tolist()
+    for i1 in range(0, nvar, block):
+        i2 = min(i1 + block, nvar)
+        errs = torch.empty(i2 - i1, o, dtype=work.dtype, device=work.device)
+        # column steps are short vector ops: one thread; the block update below is a GEMM: all threads
+        with cpu_threads(1, work.device):
+            for i in range(i1, i2):
+                t = work[i]
+                c = order[i]
+                if c == 0:
+                    v = bf16(t)
+                    bias.copy_(v)
+                elif c <= m:
+                    j = c - 1
+                    q = torch.sub(t, z_t[j]).div_(s_safe[j]).round_().clamp_(0, 15)
+                    codes[j] = q
+                    v = q.mul_(s_t[j]).add_(z_t[j])
+                else:
+                    g = c - m - 1
+                    zn = bf16(t + z_g[g])
+                    new_zeros[g] = zn
+                    v = zn - z_g[g]
+                e = errs[i - i1]
+                torch.sub(t, v, out=e).div_(udiag[i])
+                if i + 1 < i2:
+                    work[i + 1 : i2].addr_(u[i, i + 1 : i2], e, alpha=-1.0)
+        if i2 < nvar:
+            work[i2:].addmm_(u[i1:i2, i2:].T, errs, alpha=-1.0)
+    return bias, codes, new_zeros

@@ -1,0 +1,399 @@
+"""One modulation layer: its validated inputs (`LayerProblem`), the candidates that can be written (each a
+scored `Candidate`: skip, bias fold, plain requantization, calibrated requantization), and the chooser that
+writes the best one, never worse than skipping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+
+from ..codecs import group_dequantize
+from ..codecs.awq_w4a16 import GROUP
+from .calibration import (DEFAULT_DAMP, DEFAULT_TAIL, ModulationCalibration, bf16, check_bf16_exact, cpu_threads,
+                          same_device)
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["calibrated", "requant", "biasfold", "skip"]
+MODES: tuple[str, ...] = ("calibrated", "requant", "biasfold", "skip")
+LowRank = tuple[torch.Tensor, torch.Tensor]
+DeltaW = Union[torch.Tensor, LowRank]
+_SMALL_LAYER = 1 << 20
+
+
+def e_mod(err: torch.Tensor, signal: torch.Tensor) -> float:
+    """The per-layer error figure ||err|| / ||signal|| (Frobenius over outputs and sigmas).
+
+    err = Y_new - Y_ideal and signal = Y_ideal - Y_base, both evaluated on the same held-out inputs (any layout,
+    e.g. (O, n)). Skipping the LoRA gives err = -signal, i.e. exactly 1.0.
+    """
+    num, den = _sumsq(err), _sumsq(signal)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num / den)
+
+
+def _sumsq(t: torch.Tensor) -> float:
+    v = t.reshape(-1)
+    if v.dtype not in (torch.float32, torch.float64):
+        v = v.float()
+    return float(torch.dot(v, v))  # BLAS dot: blocked accumulation, ~1e-6 relative in fp32
+class _Delta:
+    """dW as a dense (O, I) matrix or as LoRA factors (up (O, r), down (r, I)); never densified unless needed."""
+
+    def __init__(self, delta_w: DeltaW, shape: tuple[int, int], device: torch.device):
+        o, i = shape
+        if isinstance(delta_w, (tuple, list)):
+            up, down = delta_w
+            if up.ndim != 2 or down.ndim != 2 or up.shape[0] != o or down.shape[1] != i or up.shape[1] != down.shape[0]:
+                raise ValueError(
+                    f"low-rank delta must be (up ({o}, r), down (r, {i})), got {tuple(up.shape)}, {tuple(down.shape)}"
+                )
+            self.up: torch.Tensor | None = up.to(device=device, dtype=torch.float32)
+            self.down: torch.Tensor | None = down.to(device=device, dtype=torch.float32)
+            self.dense: torch.Tensor | None = None
+        else:
+            if tuple(delta_w.shape) != (o, i):
+                raise ValueError(f"delta_w must be {(o, i)}, got {tuple(delta_w.shape)}")
+            self.dense = delta_w.to(device=device, dtype=torch.float32)
+            self.up = self.down = None
+
+    def times_xt(self, x: torch.Tensor) -> torch.Tensor:  # dW @ x.T : (O, n)
+        if self.dense is not None:
+            return self.dense @ x.T
+        return self.up @ (self.down @ x.T)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:  # dW @ v : (O,)
+        if self.dense is not None:
+            return self.dense @ v
+        return self.up @ (self.down @ v)
+
+    def cols_t(self, idx: torch.Tensor) -> torch.Tensor:  # dW[:, idx].T : (len, O), contiguous
+        if self.dense is not None:
+            return self.dense[:, idx].T.contiguous()
+        return self.down[:, idx].T @ self.up.T
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:  # dW[r0:r1] : dense
+        if self.dense is not None:
+            return self.dense[r0:r1]
+        return self.up[r0:r1] @ self.down
+
+    def left_mul_t(self, p: torch.Tensor) -> torch.Tensor:  # p @ dW.T : (k, O)
+        if self.dense is not None:
+            return p @ self.dense.T
+        return (p @ self.down.T) @ self.up.T
+
+
+
+@dataclass(eq=False)
+class LayerProblem:
+    """One layer's validated inputs, on the compute device. codes (O, I) uint8; s, z (O, I/group) and b0 (O,)
+    fp32, bf16-exact; bstar = b0 + Δb; signal = ΔY on the held-out inputs (what skipping loses)."""
+
+    codes: torch.Tensor
+    s: torch.Tensor
+    z: torch.Tensor
+    b0: torch.Tensor
+    db: torch.Tensor
+    delta: _Delta
+    xe: torch.Tensor
+    calib: ModulationCalibration | None
+    xbar: torch.Tensor  # (I,) mean input over the calibration sigmas
+    group: int
+
+    def __post_init__(self) -> None:
+        self.bstar = self.b0 + self.db
+        self.signal = self.delta.times_xt(self.xe)
+        self.signal += self.db[:, None]
+
+    @property
+    def n_groups(self) -> int:
+        return self.codes.shape[1] // self.group
+
+
+def _check_shapes(codes, scales, zeros, bias, group_size: int) -> None:
+    if codes.ndim != 2:
+        raise ValueError("codes must be (O, I)")
+    o, in_f = codes.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+    ng = in_f // group_size
+    if tuple(scales.shape) != (o, ng) or tuple(zeros.shape) != (o, ng) or tuple(bias.shape) != (o,):
+        raise ValueError(
+            f"shapes: codes {tuple(codes.shape)}, scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}, "
+            f"bias {tuple(bias.shape)}; expected scales/zeros {(o, ng)}, bias {(o,)}"
+        )
+
+
+def _calibration(x_calib, in_f: int, mode: str, group_size: int, dev: torch.device, tail, damp
+                 ) -> ModulationCalibration | None:
+    if isinstance(x_calib, ModulationCalibration):
+        if x_calib.in_features != in_f or x_calib.group_size != group_size:
+            raise ValueError("the ModulationCalibration was built for another layer shape")
+        if not same_device(x_calib.device, dev):
+            raise ValueError(f"the ModulationCalibration lives on {x_calib.device}, not {dev}")
+        return x_calib
+    if mode == "calibrated":
+        return ModulationCalibration.build(x_calib, group_size=group_size, tail=tail, damp=damp, device=dev)
+    return None
+
+
+def layer_problem(codes, scales, zeros, bias, delta_w: DeltaW, delta_b, x_calib, x_eval, *, mode: str,
+                  group_size: int, dev: torch.device, tail: int | None, damp: float) -> LayerProblem:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    _check_shapes(codes, scales, zeros, bias, group_size)
+    o, in_f = codes.shape
+    codes = codes.to(dev)
+    if codes.dtype != torch.uint8:
+        codes = codes.to(torch.uint8)
+    if int(codes.max()) > 15:
+        raise ValueError("codes must be in 0..15")
+    xe = x_eval.to(dev, torch.float32)
+    if xe.ndim != 2 or xe.shape[1] != in_f:
+        raise ValueError(f"x_eval must be (n, {in_f})")
+    calib = _calibration(x_calib, in_f, mode, group_size, dev, tail, damp)
+    xbar = calib.mean if calib is not None else x_calib.to(dev, torch.float32).mean(0)
+    return LayerProblem(codes, check_bf16_exact("scales", scales.to(dev)), check_bf16_exact("zeros", zeros.to(dev)),
+                        check_bf16_exact("bias", bias.to(dev)),
+                        torch.zeros(o, device=dev) if delta_b is None else delta_b.to(dev, torch.float32),
+                        _Delta(delta_w, (o, in_f), dev), xe, calib, xbar, group_size)
+
+
+# -- the candidates ---------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Candidate:
+    """What one method would write, and its e_mod on the held-out sigmas."""
+
+    name: str
+    e_mod: float
+    codes: torch.Tensor | None = None  # None: not kept (a figure only)
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    codes_changed: int | None = None  # how many codes differ from the base, when known
+    notes: list[str] = field(default_factory=list)
+
+
+def skip(p: LayerProblem) -> Candidate:
+    """The base layer as it is: loses the whole LoRA effect, e_mod = 1 exactly."""
+    return Candidate("skip", 1.0, p.codes, p.s, p.z, p.b0, codes_changed=0)
+
+
+def biasfold(p: LayerProblem) -> Candidate:
+    """The calibration mean of ΔY folded into the bias (rounded to bf16); weights unchanged."""
+    b_fold = bf16(p.bstar + p.delta.matvec(p.xbar))
+    return Candidate("biasfold", e_mod((b_fold - p.b0)[:, None] - p.signal, p.signal), p.codes, p.s, p.z, b_fold,
+                     codes_changed=0)
+
+
+def biasfold_ideal(p: LayerProblem) -> float:
+    """||ΔY − mean ΔY|| / ||ΔY||: the bias fold without rounding (mean over the held-out sigmas)."""
+    return e_mod(p.signal - p.signal.mean(dim=1, keepdim=True), p.signal)
+
+
+def requant(p: LayerProblem, keep: bool, chunk: int = 2048) -> Candidate:
+    """Plain requantization: a fresh min/max grid, round-to-nearest of dequant(base) + ΔW, bias b + Δb rounded
+    to bf16. With keep=False only its figure is computed (no O×I tensors kept)."""
+    o, i = p.codes.shape
+    ng, group = p.n_groups, p.group
+    err = torch.empty(o, p.xe.shape[0], dtype=torch.float32, device=p.codes.device)
+    out = (torch.empty_like(p.codes), torch.empty_like(p.s), torch.empty_like(p.z)) if keep else None
+    for r0 in range(0, o, chunk):
+        r1 = min(r0 + chunk, o)
+        wg = (group_dequantize(p.codes[r0:r1], p.s[r0:r1], p.z[r0:r1]) + p.delta.rows(r0, r1)).view(r1 - r0, ng, group)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        sp = bf16(((hi - lo) / 15.0).clamp_min(1e-8))
+        zp = bf16(lo)
+        q = ((wg - zp[..., None]) / sp[..., None]).round_().clamp_(0, 15)
+        wp = q * sp[..., None] + zp[..., None]
+        err[r0:r1] = (wp - wg).view(r1 - r0, i) @ p.xe.T
+        if out is not None:
+            out[0][r0:r1] = q.view(r1 - r0, i).to(torch.uint8)
+            out[1][r0:r1] = sp
+            out[2][r0:r1] = zp
+    b_new = bf16(p.bstar)
+    err += (b_new - p.bstar)[:, None]
+    e = e_mod(err, p.signal)
+    return Candidate("requant", e, *(out or (None, None, None)), b_new if keep else None)
+
+
+@dataclass(eq=False)
+class _Tail:
+    """The calibrated candidate's free variables in (variables, rows) layout: the `tail` code columns, their
+    group scales and zeros, and the rounding targets of [bias; tail weights; zero shifts]."""
+
+    idx: torch.Tensor  # (m,) code columns that may change
+    q0: torch.Tensor  # (m, O) base codes, float
+    s_g: torch.Tensor  # (ng, O) group scales
+    z_g: torch.Tensor  # (ng, O) group zeros
+    s: torch.Tensor  # (m, O) scale of each tail weight
+    z: torch.Tensor  # (m, O) zero of each tail weight
+    dw: torch.Tensor  # (m, O) ΔW on the tail columns
+    comp: torch.Tensor  # (N', O) continuous optimum shift given -ΔW on the kept columns
+
+
+def _tail(p: LayerProblem) -> _Tail:
+    idx = p.calib.tail
+    gidx = idx // p.group
+    s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
+    return _Tail(idx, p.codes.index_select(1, idx).T.contiguous().float(), s_g, z_g, s_g[gidx], z_g[gidx],
+                 p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp))
+
+
+def _round_tail(p: LayerProblem, t: _Tail) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential rounding of the free variables: (new tail codes (m, O) float, new zeros (ng, O))."""
+    from .calibration import sequential_round, ulp_bf16
+
+    m, o = t.q0.shape
+    targets = torch.empty(1 + m + p.n_groups, o, dtype=torch.float32, device=p.codes.device)
+    targets[0] = p.bstar
+    torch.addcmul(t.z, t.q0, t.s, out=targets[1: 1 + m])
+    targets[1: 1 + m] += t.dw
+    targets[1 + m:] = 0.0
+    targets += t.comp
+    steps = torch.cat([ulp_bf16(p.bstar).square().mean().sqrt()[None], t.s.square().mean(1).sqrt(),
+                       ulp_bf16(t.z_g).square().mean(1).sqrt()])
+    perm, u = p.calib.rounding_plan(steps)
+    _, q_new, z_new = sequential_round(targets, perm, u, t.s, t.z, t.z_g)
+    if bool((t.s <= 0).any()):  # a zero scale makes the code irrelevant: keep the base code
+        q_new = torch.where(t.s > 0, q_new, t.q0)
+    return q_new, z_new
+
+
+def _rows_to_keep(p: LayerProblem, t: _Tail, dr: torch.Tensor, b_fold: torch.Tensor) -> torch.Tensor:
+    """Per row, whether the rounding beats the bias fold on the calibration objective. Both share the error
+    -ΔW on the kept columns; J(cal) - J(fold) = dr'(G dr + 2 Z), with dr the difference of the free variables
+    and Z = G r_fold + G_{free,kept} e_kept (= -(G + lam) comp)."""
+    gram, m = p.calib.gram, t.idx.numel()
+    if p.delta.dense is None:  # cheap through the factors
+        zt = p.delta.left_mul_t(p.calib.select).neg_()
+    else:  # two (N' x m/N') GEMMs beat one (N' x I) pass over a dense dW
+        zt = torch.mm(gram[:, 1: 1 + m], t.dw).neg_()
+        zt.addmm_(gram, t.comp, alpha=-1.0)
+        zt.addcmul_(p.calib.lam[:, None], t.comp, value=-1.0)
+    zt.addr_(gram[:, 0], b_fold - p.bstar)
+    zt.mul_(2.0).addmm_(gram, dr)
+    return (dr * zt).sum(0) < 0  # (O,)
+
+
+def calibrated(p: LayerProblem, fold: Candidate) -> Candidate:
+    """Error-compensating sequential rounding in the metric of the calibration inputs (see the package doc),
+    kept per row only where it beats the bias fold `fold`."""
+    t = _tail(p)
+    q_new, z_new_t = _round_tail(p, t)
+    d_tail = (q_new - t.q0).mul_(t.s)  # what changed: the tail weights, and every weight of a group via its zero
+    dz_t = z_new_t - t.z_g
+    xbar_g = p.xbar.view(p.n_groups, p.group).sum(-1)
+    # re-fit the bias: nearest bf16 to its calibration optimum given the new weights
+    e_bar = d_tail.T @ p.xbar[t.idx] + dz_t.T @ xbar_g - p.delta.matvec(p.xbar)
+    b_new = bf16(p.bstar - e_bar)
+    keep_row = _rows_to_keep(p, t, torch.cat([(b_new - fold.bias)[None], d_tail, dz_t], dim=0), fold.bias)
+    q_new = torch.where(keep_row[None], q_new, t.q0)
+    d_tail.mul_(keep_row[None])
+    z_new = torch.where(keep_row[None], z_new_t, t.z_g).T.contiguous()
+    b_new = torch.where(keep_row, b_new, fold.bias)
+    notes = [] if bool(keep_row.all()) else \
+        [f"{int((~keep_row).sum())} of {keep_row.numel()} rows kept their codes (bias fold was better there)"]
+    err = d_tail.T @ p.xe[:, t.idx].T
+    err += (z_new - p.z) @ p.xe.view(-1, p.n_groups, p.group).sum(-1).T
+    err += (b_new - p.b0)[:, None]
+    err -= p.signal
+    codes = p.codes.clone()
+    codes.index_copy_(1, t.idx, q_new.to(torch.uint8).T)
+    return Candidate("calibrated", e_mod(err, p.signal), codes, p.s, z_new, b_new,
+                     codes_changed=int(torch.count_nonzero(q_new != t.q0)), notes=notes)
+
+
+# -- the chooser ---------------------------------------------------------------------------------------------
+@dataclass
+class ModulationResult:
+    """What to write for one layer, and how good each option is on held-out sigmas (e_mod figures)."""
+
+    codes: torch.Tensor  # (O, I) uint8 0..15
+    scales: torch.Tensor  # (O, I/64) fp32, bf16-exact
+    zeros: torch.Tensor  # (O, I/64) fp32, bf16-exact (scaled, negated zero: W = q*s + z)
+    bias: torch.Tensor  # (O,) fp32, bf16-exact
+    action: str  # "calibrated" | "requant" | "biasfold" | "skip": what the tensors above are
+    mode: str  # the method asked for
+    e_mod: float  # figure of what is written (the best of the safe options)
+    e_asked: float  # figure of the method asked for
+    e_biasfold: float  # bias fold as written: calibration mean folded into the bias, rounded to bf16
+    e_biasfold_ideal: float  # ||dY - mean(dY)|| / ||dY||, mean over the held-out sigmas, no rounding
+    e_skip: float = 1.0
+    e_requant: float | None = None  # fresh min/max-grid RTN of dequant(base) + dW (if computed)
+    codes_changed: float = 0.0  # fraction of codes that differ from the base
+    zeros_changed: float = 0.0  # fraction of group zeros that differ from the base
+    bias_changed: float = 0.0  # fraction of bias entries that differ from the base
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rq = "n/a" if self.e_requant is None else f"{self.e_requant:.3f}"
+        return (f"{self.action} (asked {self.mode}): e_mod {self.e_mod:.3f} | asked {self.e_asked:.3f} "
+                f"biasfold {self.e_biasfold:.3f} (ideal {self.e_biasfold_ideal:.3f}) requant {rq} skip 1.000 | "
+                f"codes changed {100 * self.codes_changed:.1f}% | {self.seconds:.2f}s")
+
+
+def choose(candidates: dict[str, Candidate], mode: str) -> tuple[Candidate, list[str]]:
+    """The best of skip, the asked method and, when calibrating or folding, the bias fold; the simplest one on a
+    tie: never something worse than skipping."""
+    allowed = ["skip"] + (["biasfold"] if mode in ("calibrated", "biasfold") else []) + [mode]
+    best = candidates[min(allowed, key=lambda k: (candidates[k].e_mod, allowed.index(k)))]
+    notes = list(candidates[mode].notes)
+    if best.name != mode:
+        notes.append(f"{mode} scored {candidates[mode].e_mod:.3f} on held-out sigmas; wrote {best.name} instead")
+    return best, notes
+
+
+def _result(p: LayerProblem, best: Candidate, cands: dict[str, Candidate], mode: str, notes: list[str],
+            t0: float) -> ModulationResult:
+    if best.codes_changed is not None:
+        changed = best.codes_changed / p.codes.numel()
+    else:
+        changed = int(torch.count_nonzero(best.codes != p.codes)) / p.codes.numel()
+    rq = cands.get("requant")
+    return ModulationResult(
+        codes=best.codes.cpu(), scales=best.scales.cpu(), zeros=best.zeros.cpu(), bias=best.bias.cpu(),
+        action=best.name, mode=mode, e_mod=float(best.e_mod), e_asked=float(cands[mode].e_mod),
+        e_biasfold=cands["biasfold"].e_mod, e_biasfold_ideal=biasfold_ideal(p), e_requant=rq.e_mod if rq else None,
+        codes_changed=changed, zeros_changed=int(torch.count_nonzero(best.zeros != p.z)) / p.z.numel(),
+        bias_changed=int(torch.count_nonzero(best.bias != p.b0)) / p.b0.numel(),
+        seconds=time.perf_counter() - t0, notes=notes)
+
+
+def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor,
+                     delta_w: DeltaW, delta_b: torch.Tensor | None, x_calib: torch.Tensor | ModulationCalibration,
+                     x_eval: torch.Tensor, *, mode: Mode = "calibrated", group_size: int = GROUP,
+                     device: str | torch.device = "cpu", requant_figure: bool = False, tail: int | None = DEFAULT_TAIL,
+                     damp: float = DEFAULT_DAMP) -> ModulationResult:
+    """Merge a LoRA delta into one AWQ W4A16 modulation layer.
+
+    codes (O, I) uint8 0..15; scales, zeros (O, I/group) bf16-exact; bias (O,) bf16-exact: the base layer, with
+    W = codes * scales + zeros per group. delta_w: ΔW (O, I) dense, or LoRA factors (up (O, r), down (r, I))
+    (faster: nothing O x I is formed). delta_b (O,) or None. Rows in the caller's order.
+    x_calib: calibration inputs (n, I) or a prebuilt `ModulationCalibration` (build it once for all layers;
+    `tail` / `damp` are then ignored). x_eval (n_eval, I): held-out inputs for the figures.
+    mode: "calibrated" (default), "requant" (fresh-grid RTN), "biasfold", "skip"; whatever is asked, the best of
+    it, the bias fold and skip is written. requant_figure: also compute e_requant (about one more pass over ΔW).
+    Deterministic; returned tensors are on the CPU."""
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    # a small layer is all short ops: run it on one CPU thread
+    with cpu_threads(1 if codes.numel() <= _SMALL_LAYER else torch.get_num_threads(), dev):
+        p = layer_problem(codes, scales, zeros, bias, delta_w, delta_b, x_calib, x_eval, mode=mode,
+                          group_size=group_size, dev=dev, tail=tail, damp=damp)
+        cands = {"skip": skip(p), "biasfold": biasfold(p)}
+        if mode == "requant" or requant_figure:
+            cands["requant"] = requant(p, keep=mode == "requant")
+        if mode == "calibrated":
+            cands["calibrated"] = calibrated(p, cands["biasfold"])
+        best, notes = choose(cands, mode)
+        result = _result(p, best, cands, mode, notes, t0)
+    log.debug("modulation merge: %s", result.summary())
+    return result
