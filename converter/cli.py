@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import MergeError
-from .planner import MODULATION_MODES
+from .layout import MODULATION_MODES
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_UNMAPPED, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 NAME_RX = re.compile(r"^svdq-(int4|fp4)_r(\d+)-(.+)$")
@@ -250,8 +250,8 @@ def check_output(base: str, plan, output: str | None, loras: list[str], *, dry_r
 
 def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings, opts,
                jobs: list) -> list[dict]:
-    """Open and plan every (output, loras) entry against the opened base; appends to `jobs` as it goes (the
-    caller closes their LoRAs whatever happens) and returns the plans' reports."""
+    """Open and plan every (output, loras) entry against the opened base; appends each planned job to `jobs` (the
+    caller closes their LoRAs whatever happens next) and returns the plans' reports."""
     from .lorafile import parse_spec
     from .model import load_model
     from .pipeline import Job, open_session
@@ -263,9 +263,13 @@ def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs:
             if same_file(p, base):
                 raise MergeError(f"the LoRA {p} is the base checkpoint itself")
         s = open_session(ckpt, loras, opts, model=model)
-        jobs.append(Job(s, ""))
-        jobs[-1].out_path, rep = check_output(base, s.plan, output, loras, dry_run=rs.dry_run,
-                                              overwrite=rs.overwrite, taken=[j.out_path for j in jobs[:-1]])
+        try:
+            out, rep = check_output(base, s.plan, output, loras, dry_run=rs.dry_run, overwrite=rs.overwrite,
+                                    taken=[j.out_path for j in jobs])
+        except BaseException:
+            s.close_loras()
+            raise
+        jobs.append(Job(s, out))
         reports.append(rep)
     return reports
 

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     import torch
 
 
+# How the AWQ modulation layers take a LoRA (converter.modulation): the CLI's --mod choices.
+MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")
+
+
 class Layout(str, Enum):
     """How a layer's weight is stored in the checkpoint."""
 

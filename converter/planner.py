@@ -14,13 +14,12 @@ from mappings import FAMILIES, FOREIGN_SIGNATURES
 from .adapters import Adapter
 from .errors import MergeError, ShapeMismatch, UnmappedKeys
 from .layers import LayerKind, kind_of
-from .layout import Layer, Layout, Segment
+from .layout import MODULATION_MODES, Layer, Layout, Segment
 from .lorafile import LoraFile, LoraModule
 from .model import Model
 from .naming import pattern
 
 MAX_RANK = 1024  # Nunchaku's kernel limit (Lora::MAX_RANK)
-MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")
 
 
 def round16(n: int) -> int:

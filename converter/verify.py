@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import MergeError
-from .layers import VerifyContext, kind_of
+from .layers import BY_NAME, VerifyContext, kind_of
 from .pipeline import Options, Session, open_session
 from .st_reader import Checkpoint
 
@@ -125,17 +125,19 @@ def plot(res: VerifyResult, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise MergeError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    for ax, kind, key, label in ((axes[0], "lowrank_append", "rel_error", "W4A4 low-rank rel. error"),
-                                 (axes[1], "modulation", "e_mod", "modulation e_mod (1 = LoRA lost)")):
-        pts = [(block_index(l["layer"]), l[key]) for l in res.layers if l["kind"] == kind and key in l]
+    kinds = [k for k in BY_NAME.values() if k.plot_label]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3 * len(kinds)), sharex=True, squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        key = kind.verify_figure
+        pts = [(block_index(l["layer"]), l[key]) for l in res.layers if l["kind"] == kind.name and key in l]
         pts = [(b, v) for b, v in pts if b is not None]
         if pts:
             ax.scatter([b for b, _ in pts], [v for _, v in pts], s=12)
-        ax.set_ylabel(label)
+        if kind.plot_limit is not None:
+            ax.axhline(kind.plot_limit, color="red", lw=0.8)
+        ax.set_ylabel(kind.plot_label)
         ax.grid(alpha=0.3)
-    axes[1].axhline(1.0, color="red", lw=0.8)
-    axes[1].set_xlabel("block")
+    axes[-1, 0].set_xlabel("block")
     fig.suptitle("qwenlora-merge verify: per-block fidelity")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -124,3 +124,20 @@ def test_pad_rank_and_errors():
 def test_registry_complete():
     assert {"svdq_qweight_int4", "svdq_qweight_nvfp4", "svdq_vector", "svdq_wscales_int4", "svdq_wscales_nvfp4",
             "lowrank_down", "lowrank_up", "awq_qweight", "awq_group_params"} <= set(CODECS)
+
+
+def test_dense_record_figures():
+    """The dense-layer figures (merge report, verify, the tests' checks) against a hand computation."""
+    from converter.factors import dense_record
+
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
+    dw = torch.tensor([[0.5, 0.0], [0.0, -0.25]])
+    new = (w.float() + dw).to(torch.bfloat16)  # exact in bf16: no rounding
+    rec = dense_record(w, new, dw)
+    assert rec["rel_error"] == 0.0 and rec["rounding_floor"] == 0.0 and rec["applied_fraction"] == 1.0
+    half = (w.float() + dw / 2).to(torch.bfloat16)  # half the delta stored
+    rec = dense_record(w, half, dw)
+    assert rec["applied_fraction"] == pytest.approx(0.5) and rec["rel_error"] == pytest.approx(0.5)
+    tiny = torch.full((2, 2), 1e-3)  # below bf16's resolution at these magnitudes: nothing can be stored
+    rec = dense_record(w, (w.float() + tiny).to(torch.bfloat16), tiny)
+    assert rec["rel_error"] == pytest.approx(1.0) and rec["rounding_floor"] == pytest.approx(1.0)

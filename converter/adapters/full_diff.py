@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import Adapter, KeyPattern
+from .base import Adapter, KeyPattern
 
 if TYPE_CHECKING:
     import torch

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedFormat
-from . import Adapter, KeyPattern
+from .base import Adapter, KeyPattern
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout
-from . import Codec, LayerCodec, group_dequantize, require
+from .base import Codec, LayerCodec, group_dequantize, require
 
 GROUP = 64
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import Codec, require
+from .base import Codec, require
 
 
 def _check(rank: int, channels: int, what: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Codec, require
+from .base import Codec, require
 
 
 class PackedVector(Codec, name="svdq_vector"):

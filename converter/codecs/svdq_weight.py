@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout
-from . import Codec, LayerCodec, group_dequantize, require
+from .base import Codec, LayerCodec, group_dequantize, require
 from .svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
 
 # (nt, p, s, l, kt, sk, lk, r) -> on-disk order (nt, kt, p, l, lk, s, sk, r)

@@ -7,7 +7,7 @@ import statistics
 from typing import TYPE_CHECKING
 
 from ..layout import Layout
-from . import LayerKind
+from .base import LayerKind
 
 if TYPE_CHECKING:
     from ..layout import Layer

@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..layout import Layout
-from . import LayerKind
+from .base import LayerKind
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapters import Adapter
     from ..factors import Factors
     from ..layout import Layer
     from ..planner import LayerOp, Plan
@@ -28,12 +27,8 @@ def _round16(n: int) -> int:
 
 class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     name = "lowrank_append"
-
-    @classmethod
-    def refuse(cls, layer: Layer, adapter: Adapter) -> str | None:
-        if adapter.applies_to == "weight" and adapter.rank is None:
-            return "full-weight delta (.diff) on a 4-bit layer cannot be merged exactly"
-        return super().refuse(layer, adapter)
+    takes_dense = False
+    plot_label = "W4A4 low-rank rel. error"
 
     @classmethod
     def added_rank(cls, op: LayerOp) -> int:

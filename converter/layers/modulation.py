@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import MergeError
 from ..layout import Layout
-from . import LayerKind
+from .base import LayerKind
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapters import Adapter
     from ..layout import Layer
     from ..planner import LayerOp, Plan
     from . import MergeContext, VerifyContext
@@ -81,13 +80,10 @@ class ModulationInputs:
 
 class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     name = "modulation"
+    takes_dense = False
     verify_figure = "e_mod"
-
-    @classmethod
-    def refuse(cls, layer: Layer, adapter: Adapter) -> str | None:
-        if adapter.applies_to == "weight" and adapter.rank is None:
-            return "full-weight delta (.diff) on a 4-bit layer cannot be merged exactly"
-        return super().refuse(layer, adapter)
+    plot_label = "modulation e_mod (1 = LoRA lost)"
+    plot_limit = MOD_TOL
 
     @classmethod
     def touched(cls, layer: Layer, op: LayerOp | None, plan: Plan) -> set[str]:

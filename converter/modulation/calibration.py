@@ -60,6 +60,21 @@ def check_bf16_exact(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _checked_inputs(x_calib: torch.Tensor, weights: torch.Tensor | None, group_size: int, dev: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (n, I) float64, per-sigma weights (n,) float64) on `dev`, after the shape checks."""
+    x = x_calib.to(device=dev, dtype=torch.float64)
+    if x.ndim != 2:
+        raise ValueError("x_calib must be (n, I)")
+    n, in_f = x.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+    w = torch.ones(n, dtype=torch.float64, device=dev) if weights is None else weights.to(dev, torch.float64)
+    if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError("weights must be (n,), non-negative, not all zero")
+    return x, w
+
+
 @dataclass(eq=False)
 class ModulationCalibration:
     """Everything that depends only on the calibration inputs; build once, reuse for every layer.
@@ -141,20 +156,12 @@ class ModulationCalibration:
         weights (e.g. extra weight on sigma = 0 for `zero_cond_t` edit models)."""
         t0 = time.perf_counter()
         dev = torch.device(device)
-        x = x_calib.to(device=dev, dtype=torch.float64)
-        if x.ndim != 2:
-            raise ValueError("x_calib must be (n, I)")
+        x, w = _checked_inputs(x_calib, weights, group_size, dev)
         n, in_f = x.shape
-        if in_f % group_size:
-            raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
-        ng = in_f // group_size
-        w = torch.ones(n, dtype=torch.float64, device=dev) if weights is None else weights.to(dev, torch.float64)
-        if w.shape != (n,) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError("weights must be (n,), non-negative, not all zero")
         wsum = w.sum()
         mean = (w[:, None] * x).sum(0) / wsum
         var = (w[:, None] * (x - mean) ** 2).sum(0)  # centered second moments (sums)
-        xg = x.view(n, ng, group_size).sum(-1)  # zero-shift features
+        xg = x.view(n, in_f // group_size, group_size).sum(-1)  # zero-shift features
         varg = (w[:, None] * (xg - (w[:, None] * xg).sum(0) / wsum) ** 2).sum(0)
 
         order = torch.argsort(var, descending=True, stable=True)

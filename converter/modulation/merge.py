@@ -14,13 +14,14 @@ import torch
 
 from ..codecs import group_dequantize
 from ..codecs.awq_w4a16 import GROUP
+from ..layout import MODULATION_MODES
 from .calibration import (DEFAULT_DAMP, DEFAULT_TAIL, ModulationCalibration, bf16, check_bf16_exact, cpu_threads,
                           same_device)
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["calibrated", "requant", "biasfold", "skip"]
-MODES: tuple[str, ...] = ("calibrated", "requant", "biasfold", "skip")
+MODES: tuple[str, ...] = MODULATION_MODES
 LowRank = tuple[torch.Tensor, torch.Tensor]
 DeltaW = Union[torch.Tensor, LowRank]
 _SMALL_LAYER = 1 << 20

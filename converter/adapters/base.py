@@ -1,0 +1,151 @@
+"""Adapter types: what one LoRA-file module contributes to one layer, one class per type (as PEFT's layer
+variants own `get_delta_weight`).
+
+An adapter type declares the key suffixes it owns (`key_patterns`) and which parts mark a module as its
+own (`signature`); a module of a LoRA file is split into adapters by `claim`. Each adapter gives a layer
+kind what it needs: exact low-rank `factors()` when the update is low-rank by construction (`rank` is
+then its exact rank), a dense `delta()` otherwise (or always), or a `bias_delta()`.
+
+To add an adapter type: a module here with one `Adapter` subclass, imported by `__init__`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from ..errors import MergeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..factors import Factors
+    from ..lorafile import LoraFile
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+@dataclass(frozen=True)
+class KeyPattern:
+    """A key suffix after the module name. `part`: the part it gives (None: from the regex group `p`, mapped
+    through `part_names`); `style`: how the key is spelled, for the report's format line."""
+
+    suffix: str
+    part: str | None
+    style: str
+    part_names: tuple[tuple[str, str], ...] = ()
+
+    def match(self, key: str) -> tuple[str, str, str | None] | None:
+        """(module, part, PEFT adapter name or None) if `key` ends with this suffix."""
+        m = re.match(r"^(?P<m>.+)\." + self.suffix + "$", key)
+        if not m:
+            return None
+        part = self.part or dict(self.part_names)[m.group("p")]
+        return m.group("m"), part, m.groupdict().get("ad")
+
+
+ALPHA = KeyPattern(r"(?:alpha|lora_alpha)", "alpha", "alpha")
+
+
+class Adapter:
+    """One module's update of one type. Subclasses register with `class X(Adapter, name="...")`; `order`
+    decides which type claims a module first (a DoRA module is also a LoRA module: DoRA goes first)."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    key_patterns: ClassVar[tuple[KeyPattern, ...]] = ()
+    signature: ClassVar[frozenset[str]] = frozenset()  # any of these parts marks a module as this type
+    parts: ClassVar[frozenset[str]] = frozenset()  # every part the type takes (signature, alpha, ...)
+    order: ClassVar[int] = 100
+    applies_to: ClassVar[str] = "weight"  # or "bias"
+
+    def __init_subclass__(cls, name: str = "", **kw):
+        super().__init_subclass__(**kw)
+        if name:
+            if name in ADAPTERS:
+                raise RuntimeError(f"adapter {name!r} registered twice")
+            cls.name = name
+            ADAPTERS[name] = cls
+
+    def __init__(self, lf: LoraFile, module: str, keys: dict[str, str]):
+        self.lf, self.module, self.keys = lf, module, keys
+
+    # -- what the planner asks ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise a MergeError (one clear line) if the module's tensors are inconsistent."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # pragma: no cover - interface
+        """Shape of the update: (out, in) for a weight, (out,) for a bias or a 1-D parameter."""
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int | None:
+        """Exact rank of `factors()` when the update is low-rank by construction, else None."""
+        return None
+
+    def down_identity(self) -> bytes | None:
+        """Bytes that identify the down factor (equal bytes: members may share one set of columns)."""
+        return None
+
+    # -- what the layer kinds ask --------------------------------------------------------------------------
+    def factors(self) -> Factors:  # pragma: no cover - interface
+        """(down (r, I), up (O, r)) fp32, scale included; only when `rank` is not None."""
+        raise NotImplementedError
+
+    def factors_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(down, up) built straight in `dtype`, each value rounded once from the exact factors, when the stored
+        tensors allow it without fp32 temporaries; None: use `factors()`."""
+        return None
+
+    @property
+    def factors_exact_in_storage(self) -> bool:
+        """Whether `factors_in` stores the exact factors (nothing rounded)."""
+        return False
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense ΔW fp32 in the LoRA's row order (`base`: the layer's current weight, for types that need it)."""
+        return self.factors().dense()
+
+    needs_base: ClassVar[bool] = False  # delta() needs the base weight (DoRA)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def tensor(self, part: str) -> torch.Tensor:
+        return self.lf.ckpt.get(self.keys[part])
+
+    def part_shape(self, part: str) -> tuple[int, ...]:
+        return self.lf.ckpt.tensors[self.keys[part]].shape
+
+    def alpha(self) -> float | None:
+        key = self.keys.get("alpha")
+        if key is None:
+            return self.lf.default_alpha
+        if math.prod(self.lf.ckpt.tensors[key].shape) != 1:
+            raise MergeError(f"{self.lf.name}: alpha {key} is not a scalar")
+        return self.lf.ckpt.scalar(key)
+
+    def fail(self, what: str) -> MergeError:
+        return MergeError(f"{self.lf.name}: module {self.module} {what}")
+
+
+def key_patterns() -> list[tuple[KeyPattern, type[Adapter] | None]]:
+    """Every registered suffix, most specific first (a `.diff_b` must not be read as `.diff`)."""
+    pats = [(p, cls) for cls in sorted(ADAPTERS.values(), key=lambda c: c.order) for p in cls.key_patterns]
+    return pats + [(ALPHA, None)]
+
+
+def claim(lf: LoraFile, module: str, keys: dict[str, str]) -> tuple[list[Adapter], dict[str, str]]:
+    """Split one module's parts into adapters; returns them and the parts no type took."""
+    left = dict(keys)
+    found: list[Adapter] = []
+    for cls in sorted(ADAPTERS.values(), key=lambda c: c.order):
+        if cls.signature & left.keys():
+            mine = {p: k for p, k in left.items() if p in cls.parts}
+            for p in mine:
+                del left[p]
+            a = cls(lf, module, mine)
+            a.validate()
+            found.append(a)
+    return found, left
