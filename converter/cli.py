@@ -135,6 +135,7 @@ class RunSettings:
     overwrite: bool = False
     mod: str = "calibrated"
     max_rank: int | None = None
+    svd_rank: int = 64
     device: str = "cpu"
     quiet: bool = False
     verbose: bool = False
@@ -157,6 +158,10 @@ def run_options(f):
                      help="Cap the uniform W4A4 rank (multiple of 16): a layer whose LoRA part does not fit keeps its "
                           "best approximation (truncated SVD); the dropped fraction is reported per layer. "
                           "Default: exact."),
+        click.option("--svd-rank", type=int, default=64, show_default=True,
+                     help="Rank budget of W4A4 updates that are not low-rank (a full .diff, DoRA, a LoKr/LoHa of too "
+                          "large a rank): they are stored by truncated SVD, with the captured fraction of each layer "
+                          "reported. The uniform rank grows to at least base + this."),
         click.option("--device", default="cpu", show_default=True, help="Device for the maths, e.g. cuda."),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr)."),
         click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key."),
@@ -285,6 +290,7 @@ def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSett
     try:
         check_device(rs.device)
         opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
+                       svd_rank=rs.svd_rank,
                        progress=Progress(not rs.quiet))
         with Checkpoint(base) as ckpt:
             jobs: list = []

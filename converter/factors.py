@@ -115,3 +115,45 @@ def dense_record(w_old: torch.Tensor, w_new: torch.Tensor, dw: torch.Tensor) -> 
     floor = float((ideal.to(w_old.dtype).double() - ideal).norm()) / ref2 ** 0.5
     return {"rel_error": float((got - dw).norm()) / ref2 ** 0.5, "rounding_floor": floor,
             "applied_fraction": float((got * dw).sum()) / ref2, "delta_norm": ref2 ** 0.5}
+
+
+def svd_truncate(dw: torch.Tensor, k: int, exact_below: int = 1024) -> tuple[Factors, float]:
+    """The best rank-k approximation of a dense ΔW (O, I) as factors (scale in `down`), and the captured
+    fraction ‖ΔW_k‖ / ‖ΔW‖ (= sqrt of the energy kept). An exact SVD for small matrices; above `exact_below`
+    on the smaller side, a randomized range finder with power iterations (Halko et al.), whose ΔW_k is the
+    orthogonal projection of ΔW on a k-dimensional subspace, so the captured fraction is still exact for
+    what is stored (only its optimality is approximate, to well under 1e-3 on LoRA-like spectra)."""
+    dw = dw.float()
+    total = float(torch.dot(dw.reshape(-1), dw.reshape(-1)))
+    if total == 0 or k == 0:
+        return Factors(dw.new_zeros(k, dw.shape[1]), dw.new_zeros(dw.shape[0], k)), 0.0 if total else 1.0
+    if min(dw.shape) <= exact_below:
+        u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    else:
+        u, s, vh = _randomized_svd(dw, k)
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    root = s.sqrt()
+    kept = float((s.double() ** 2).sum())
+    return Factors((root[:, None] * vh).float(), (u * root).float()), min(1.0, kept / total) ** 0.5
+
+
+def _randomized_svd(a: torch.Tensor, k: int, oversample: int = 32, power: int = 4):
+    g = torch.Generator(device=a.device).manual_seed(0)
+    omega = torch.randn(a.shape[1], k + oversample, generator=g, device=a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(power):  # subspace iteration, re-orthonormalized each half step
+        q, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ q)
+    ub, s, vh = torch.linalg.svd((q.T @ a).double(), full_matrices=False)
+    return q.double() @ ub, s, vh
+
+
+def dense_error(up: torch.Tensor, down: torch.Tensor, dw: torch.Tensor) -> float:
+    """‖up·down − ΔW‖ / ‖ΔW‖ without forming up·down: ‖ΔW‖² − 2⟨up·down, ΔW⟩ + ‖up·down‖², in fp64."""
+    u, d, w = up.double(), down.double(), dw.double()
+    ref2 = float((w * w).sum())
+    if ref2 == 0:
+        return 0.0
+    cross = float(((u.T @ w) * d).sum())
+    own = float(((u.T @ u) * (d @ d.T)).sum())
+    return max(ref2 - 2 * cross + own, 0.0) ** 0.5 / ref2 ** 0.5

@@ -23,12 +23,10 @@ from .st_reader import Checkpoint
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names
 DOT_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
-TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoders?[._]|te\d?[._]|lora_te[._]|text_model[._]|conditioner[._])")
+TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoders?[._]|te\d?[._]|lora_te[._]|text_model[._]|conditioner[._]|"
+                          r"lora_qwen\d*[-_.]|qwen\d*[._]model[._])")
 
 UNSUPPORTED: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"\.dora_scale$"), "DoRA magnitude (dora_scale) cannot be merged into a 4-bit model"),
-    (re.compile(r"\.lokr_(w1|w2|w1_a|w1_b|w2_a|w2_b|t2)$"), "LoKr is not supported (convert it to a plain LoRA first)"),
-    (re.compile(r"\.hada_(w1_a|w1_b|w2_a|w2_b|t1|t2)$"), "LoHa is not supported (convert it to a plain LoRA first)"),
     (re.compile(r"\.lora_mid\.weight$"), "LoCon mid weights are not supported"),
     (re.compile(r"\.(ia3_w|weight_ia3|on_input)$"), "IA3 is not supported"),
     (re.compile(r"\.(oft_blocks|oft_r|boft_R|boft_s)$"), "OFT/BOFT is not supported"),

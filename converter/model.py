@@ -26,6 +26,10 @@ class Model:
     metadata: dict[str, str] = field(default_factory=dict)
     fused_smoothing: set[str] = field(default_factory=set)  # SVDQ layers with smoothing fused upstream
 
+    def lowrank_bytes_per_rank(self) -> int:
+        """What one more unit of the uniform rank costs (proj_down + proj_up of every W4A4 layer, 16-bit)."""
+        return sum((l.in_features + l.out_features) * 2 for l in self.layers.values() if l.layout.is_svdq)
+
 
 def _quantized_layer(path: str, t: dict[str, TensorInfo], prefix: str, qweight: TensorInfo) -> Layer | None:
     bias = f"{prefix}.bias" in t

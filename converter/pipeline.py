@@ -14,7 +14,7 @@ from .layers import MergeContext, kind_of
 from .lorafile import LoraFile, open_lora
 from .model import Model, load_model
 from .naming import natural
-from .planner import Plan, build_plan, updated_metadata
+from .planner import SVD_RANK, Plan, build_plan, updated_metadata
 from .st_reader import Checkpoint
 from .st_writer import OutSpec, StreamingWriter
 
@@ -25,6 +25,7 @@ class Options:
     allow_unmapped: bool = False
     device: str = "cpu"
     max_rank: int | None = None
+    svd_rank: int = SVD_RANK
     progress: Callable[[int, int, str], None] | None = None  # (bytes done, bytes total, what)
 
 
@@ -57,7 +58,7 @@ def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, m
         for spec in lora_specs:
             loras.append(open_lora(spec))
         plan = build_plan(model, loras, allow_unmapped=opts.allow_unmapped, modulation_mode=opts.modulation,
-                          max_rank=opts.max_rank)
+                          max_rank=opts.max_rank, svd_rank=opts.svd_rank)
     except BaseException:
         if own:
             ckpt.close()

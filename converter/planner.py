@@ -20,6 +20,7 @@ from .model import Model
 from .naming import pattern
 
 MAX_RANK = 1024  # Nunchaku's kernel limit (Lora::MAX_RANK)
+SVD_RANK = 64  # default rank budget of W4A4 updates that are not low-rank (full diffs, DoRA)
 
 
 def round16(n: int) -> int:
@@ -35,6 +36,7 @@ class Contribution:
     adapter: Adapter
     segments: list[Segment]
     shares_down_with: int | None = None  # index (in the op's contributions) of a member with the same down
+    exact: bool = True  # False: the layer kind takes this low-rank update as a dense ΔW (its rank is too large)
 
     @property
     def rank(self) -> int | None:
@@ -42,8 +44,8 @@ class Contribution:
 
     @property
     def low_rank(self) -> bool:
-        """A weight update given as exact factors."""
-        return self.adapter.applies_to == "weight" and self.adapter.rank is not None
+        """A weight update taken as exact factors."""
+        return self.exact and self.adapter.applies_to == "weight" and self.adapter.rank is not None
 
     def place(self, src, out_rows: int):
         """Rows of the module's output (an up factor, a ΔW or a bias) placed onto the layer's rows."""
@@ -72,6 +74,11 @@ class LayerOp:
         return any(c.adapter.needs_base for c in self.contributions)
 
     @property
+    def has_dense(self) -> bool:
+        """Some weight update is taken as a dense ΔW (not low-rank by construction, or too large a rank)."""
+        return any(not c.low_rank for c in self.weight_contributions)
+
+    @property
     def added_rank(self) -> int:
         return self.kind.added_rank(self)
 
@@ -92,6 +99,7 @@ class Plan:
     accounts: list[KeyAccount]
     warnings: list[str]
     modulation_mode: str
+    svd_rank: int = SVD_RANK
 
     @property
     def rank_changed(self) -> bool:
@@ -103,6 +111,10 @@ class Plan:
         if part in ("proj_down", "proj_up") and self.rank_changed and layer is not None and layer.layout.is_svdq:
             return (shape[0], self.new_rank)
         return shape
+
+    def rank_needed(self, op: LayerOp) -> int:
+        """The uniform-rank room this layer's LoRA part asks for (exact parts, or the SVD budget)."""
+        return max(op.added_rank, op.kind.dense_rank(op, self.svd_rank))
 
     def touched_keys(self) -> set[str]:
         out: set[str] = set()
@@ -126,7 +138,7 @@ class _Targets:
 
 
 def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = False,
-               modulation_mode: str = "calibrated", max_rank: int | None = None) -> Plan:
+               modulation_mode: str = "calibrated", max_rank: int | None = None, svd_rank: int = SVD_RANK) -> Plan:
     if modulation_mode not in MODULATION_MODES:
         raise MergeError(f"unknown modulation mode {modulation_mode!r}; choose from {', '.join(MODULATION_MODES)}")
     targets = _Targets(model)
@@ -143,8 +155,8 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
             warnings.append(f"{lf.name}: strength 0 — this LoRA changes nothing")
     _detect_shared_down(ops)
     _check_smoothing_fusion(model, ops)
-    new_rank = _new_rank(model, ops, max_rank, warnings)
-    return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode)
+    new_rank = _new_rank(model, ops, max_rank, svd_rank, warnings)
+    return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, svd_rank)
 
 
 def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict[str, LayerOp],
@@ -232,8 +244,11 @@ def _add_module(li: int, lf: LoraFile, mod: LoraModule, tname: str, segs: list[S
             return reason
     for target, tsegs in by_target.items():
         layer = model.layers[target]
-        op = ops.setdefault(target, LayerOp(layer, kind_of(layer)))
-        op.contributions.extend(Contribution(li, mod.name, a, tsegs) for a in mod.adapters)
+        kind = kind_of(layer)
+        op = ops.setdefault(target, LayerOp(layer, kind))
+        limit = kind.max_exact_rank(layer, model.rank)
+        op.contributions.extend(Contribution(li, mod.name, a, tsegs, exact=a.rank is None or a.rank <= limit)
+                                for a in mod.adapters)
     return None
 
 
@@ -260,9 +275,21 @@ def _detect_shared_down(ops: dict[str, LayerOp]) -> None:
                     break
 
 
-def _new_rank(model: Model, ops: dict[str, LayerOp], max_rank: int | None, warnings: list[str]) -> int:
-    added = max((op.added_rank for op in ops.values()), default=0)
+def _new_rank(model: Model, ops: dict[str, LayerOp], max_rank: int | None, svd_rank: int,
+              warnings: list[str]) -> int:
+    """One uniform rank: the base's plus the largest exact LoRA part of a layer (or the SVD budget of dense
+    updates), a multiple of 16; capped by --max-rank, refused above the kernel's limit (a file no loader can
+    build), with --max-rank as the way out."""
+    if svd_rank % 16 or svd_rank <= 0:
+        raise MergeError(f"--svd-rank must be a positive multiple of 16, got {svd_rank}")
+    added = max((max(op.added_rank, op.kind.dense_rank(op, svd_rank)) for op in ops.values()), default=0)
     new_rank = round16(model.rank + added) if added else model.rank
+    dense = sorted(p for p, op in ops.items() if op.has_dense and op.kind.dense_rank(op, svd_rank))
+    if dense:
+        warnings.append(f"{len(dense)} W4A4 layers take updates that are not low-rank ({_dense_kinds(ops, dense)}): "
+                        f"stored by truncated SVD in the rank the uniform rank leaves them (at least "
+                        f"{min(svd_rank, (max_rank or 1 << 30) - model.rank)}; --svd-rank sets it); the captured "
+                        f"fraction of each is reported")
     if max_rank is not None:
         if max_rank % 16 or max_rank <= model.rank:
             raise MergeError(f"--max-rank must be a multiple of 16 above the base rank {model.rank}, got {max_rank}")
@@ -270,10 +297,15 @@ def _new_rank(model: Model, ops: dict[str, LayerOp], max_rank: int | None, warni
             warnings.append(f"rank capped at {max_rank} (exact merge needs {new_rank}): layers whose LoRA part exceeds "
                             f"rank {max_rank - model.rank} keep its top singular directions; see the per-layer error")
             new_rank = max_rank
+        return new_rank
     if new_rank > MAX_RANK:
         raise MergeError(f"the merged rank would be {new_rank}, above Nunchaku's limit of {MAX_RANK}; "
-                         "merge fewer or lower-rank LoRAs, or cap it with --max-rank")
+                         "merge fewer or lower-rank LoRAs, or cap it with --max-rank (lossy, reported per layer)")
     return new_rank
+
+
+def _dense_kinds(ops: dict[str, LayerOp], names: list[str]) -> str:
+    return ", ".join(sorted({c.adapter.title for p in names for c in ops[p].weight_contributions if not c.low_rank}))
 
 
 def _check_smoothing_fusion(model: Model, ops: dict[str, LayerOp]) -> None:

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 from . import __version__
+from .adapters import key_patterns
 from .layers import by_name
 from .naming import human_bytes, pattern
 from .planner import Plan
 
-_PART = re.compile(r"\.(lora_[AB](\.[^.]+)?\.weight|lora_(down|up)(\.[^.]+)?\.weight|lora\.(down|up)\.weight|alpha|"
-                   r"lora_alpha|diff|diff_b)$")
-
-
 def module_pattern(key: str) -> str:
-    """Key pattern without its LoRA part suffix: one line per module pattern in listings."""
-    return pattern(_PART.sub(".*", key))
-
-
-def lowrank_bytes_per_rank(plan: Plan) -> int:
-    return sum((l.in_features + l.out_features) * 2 for l in plan.model.layers.values() if l.layout.is_svdq)
+    """Key pattern without its adapter part suffix (`….lora_A.weight` -> `….*`): one line per module pattern."""
+    for pat, _ in key_patterns():
+        m = pat.match(key)
+        if m:
+            return pattern(m[0]) + ".*"
+    return pattern(key)
 
 
 def _lora_entry(lf, acc) -> dict:
@@ -35,10 +31,10 @@ def _lora_entry(lf, acc) -> dict:
 
 def plan_report(plan: Plan, base_path: str, base_bytes: int) -> dict:
     m = plan.model
-    added = (plan.new_rank - m.rank) * lowrank_bytes_per_rank(plan)
+    added = (plan.new_rank - m.rank) * m.lowrank_bytes_per_rank()
     targets = [{"layer": p, "layout": op.layer.layout.value, "method": op.kind.name,
                 "from": sorted({f"{plan.loras[c.lora].name}:{c.module}" for c in op.contributions}),
-                "adapters": sorted({c.adapter.name for c in op.contributions}), "rank_added": op.added_rank}
+                "adapters": sorted({c.adapter.name for c in op.contributions}), "rank_added": plan.rank_needed(op)}
                for p, op in sorted(plan.ops.items())]
     return {
         "tool": f"qwenlora-merge {__version__}",

@@ -5,4 +5,4 @@ To add an adapter type: a module here with one `Adapter` subclass, imported belo
 from .base import ADAPTERS, ALPHA, Adapter, KeyPattern, claim, key_patterns  # noqa: F401
 
 # the modules below register themselves on import
-from . import bias_delta, full_diff, lora  # noqa: E402,F401
+from . import bias_delta, dora, full_diff, loha, lokr, lora  # noqa: E402,F401

@@ -50,11 +50,16 @@ class Lora(Adapter, name="lora"):
         return self.part_shape("A")[0]
 
     @cached_property
-    def scale(self) -> float:
+    def lora_scale(self) -> float:
+        """alpha/rank (alpha/√rank with rsLoRA); 1 without alpha."""
         alpha = self.alpha()
         if alpha is None:
-            return self.lf.strength
-        return self.lf.strength * alpha / (math.sqrt(self.rank) if self.lf.rslora else self.rank)
+            return 1.0
+        return alpha / (math.sqrt(self.rank) if self.lf.rslora else self.rank)
+
+    @property
+    def scale(self) -> float:
+        return self.lf.strength * self.lora_scale
 
     def down_identity(self) -> bytes:
         # bit-identical A (stricter than ==, which would also pair +0.0 with -0.0), with its dtype and scale

@@ -104,6 +104,16 @@ class LayerKind:
         return None
 
     @classmethod
+    def max_exact_rank(cls, layer: Layer, base_rank: int) -> int:
+        """Largest rank of a low-rank update this kind takes as exact factors; above it, as a dense ΔW."""
+        return 1 << 30
+
+    @classmethod
+    def dense_rank(cls, op: LayerOp, svd_rank: int) -> int:
+        """Rank the uniform low-rank branch needs for this layer's dense updates (kinds without a branch: 0)."""
+        return 0
+
+    @classmethod
     def added_rank(cls, op: LayerOp) -> int:
         """Rank this layer's low-rank branch grows by (kinds without a branch: 0)."""
         return 0

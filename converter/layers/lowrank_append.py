@@ -27,12 +27,23 @@ def _round16(n: int) -> int:
 
 class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     name = "lowrank_append"
-    takes_dense = False
     plot_label = "W4A4 low-rank rel. error"
+
+    @classmethod
+    def max_exact_rank(cls, layer: Layer, base_rank: int) -> int:
+        """A factorization of rank at least half the layer's smaller side saves nothing over the dense ΔW (and
+        one above the kernel's limit cannot load): such updates go in by truncated SVD, like a full diff."""
+        from ..planner import MAX_RANK
+
+        return min(MAX_RANK - base_rank, min(layer.in_features, layer.out_features) // 2)
 
     @classmethod
     def added_rank(cls, op: LayerOp) -> int:
         return sum(c.rank for c in op.contributions if c.low_rank and c.shares_down_with is None)
+
+    @classmethod
+    def dense_rank(cls, op: LayerOp, svd_rank: int) -> int:
+        return max(svd_rank, cls.added_rank(op)) if op.has_dense else 0
 
     @classmethod
     def touched(cls, layer: Layer, op: LayerOp | None, plan: Plan) -> set[str]:
@@ -48,7 +59,9 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
 
         pd, pu = ctx.base.get(layer.key("proj_down")), ctx.base.get(layer.key("proj_up"))
         d_add = u_add = rec = None
-        if op is not None and cls.added_rank(op):
+        if op is not None and op.has_dense:
+            d_add, u_add, rec = _svd_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
+        elif op is not None and cls.added_rank(op):
             d_add, u_add, rec = _lowrank_part(op, pd.dtype, plan.new_rank - pd.shape[1])
         out = {}
         if plan.new_rank != pd.shape[1]:
@@ -60,6 +73,25 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         return out, rec
 
     @classmethod
+    def summarize(cls, records: list[dict]) -> dict:
+        out = super().summarize([r for r in records if not r.get("svd")]) | {"layers": len(records)}
+        svd = [r for r in records if r.get("svd")]
+        if svd:
+            c = sorted(r["captured"] for r in svd)
+            out["svd"] = {"layers": len(svd), "captured_min": c[0], "captured_median": c[len(c) // 2],
+                          "rel_error_max": max(r["rel_error"] for r in svd)}
+        return out
+
+    @classmethod
+    def render_summary(cls, d: dict) -> str | None:
+        line = super().render_summary(d) if d.get("rel_error_max") is not None else f"fidelity {cls.name} x{d['layers']}:"
+        if "svd" in d:
+            s = d["svd"]
+            line += (f"{';' if d.get('rel_error_max') is not None else ''} {s['layers']} by truncated SVD, captured "
+                     f"{s['captured_min']:.3f} (min) / {s['captured_median']:.3f} (median) of ||dW||")
+        return line
+
+    @classmethod
     def verify(cls, ctx: VerifyContext, plan: Plan, layer: Layer, op: LayerOp | None) -> dict:
         from ..codecs import layer_codec
         from .deltas import lowrank_factors
@@ -68,13 +100,14 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         probs = [f"{part} changed" for part in layer_codec(layer.layout).weight_parts
                  if layer.key(part) in ctx.base and not ctx.unchanged(layer.key(part))]
         rec: dict = {"layer": p, "kind": cls.name}
-        f = lowrank_factors(op) if op is not None else None
-        if f is None:
+        if op is None or not op.weight_contributions:
             rec["targeted"] = False
             if not _branch_kept(ctx, layer, extra_zero=True):
                 probs.append("low-rank branch changed although no LoRA targets this layer")
+        elif op.has_dense:
+            rec |= _svd_figures(ctx, layer, op, probs)
         else:
-            rec["rel_error"], moved = _appended_error(ctx, layer, f)
+            rec["rel_error"], moved = _appended_error(ctx, layer, lowrank_factors(op))
             if moved:
                 probs.append("the base low-rank branch was altered")
             if rec["rel_error"] > LOWRANK_TOL:
@@ -111,6 +144,43 @@ def _lowrank_part(op: LayerOp, dtype: torch.dtype, room: int) -> tuple[torch.Ten
     if dropped:
         rec |= {"rank_kept": r, "truncation_error": dropped}
     return d_add, u_add, rec
+
+
+def _svd_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int):
+    """A layer whose LoRA part is not low-rank by construction (a full diff, DoRA, a LoKr/LoHa of too large a
+    rank): its whole ΔW (the exact parts included) by truncated SVD to the room the uniform rank leaves, with
+    the captured fraction ‖ΔW_k‖/‖ΔW‖ and the error of what is stored."""
+    import torch
+
+    from ..factors import check_finite, dense_error, svd_truncate
+    from .deltas import dense_delta
+
+    base = effective_weight(ctx.base, op.layer) if op.needs_base else None
+    dw = check_finite(op.layer.prefix, dense_delta(op, ctx.device, base=base))
+    f, captured = svd_truncate(dw, room)
+    d_add = torch.zeros(_round16(room), op.layer.in_features, dtype=dtype)
+    u_add = torch.zeros(op.layer.out_features, _round16(room), dtype=dtype)
+    d_add[:f.rank].copy_(check_finite(op.layer.prefix, f.down))
+    u_add[:, :f.rank].copy_(check_finite(op.layer.prefix, f.up))
+    rec = {"rel_error": dense_error(u_add[:, :f.rank].float(), d_add[:f.rank].float(), dw.cpu()), "captured": captured,
+           "rank_added": room, "svd": True,
+           "adapters": sorted({c.adapter.name for c in op.weight_contributions if not c.low_rank})}
+    return d_add, u_add, rec
+
+
+def effective_weight(ck, layer: Layer) -> torch.Tensor:
+    """The layer's whole weight W_eff = main · diag(1/smooth) + U·D (fp32, (O, I)), what it applies to its raw
+    input: dequantizing it costs one unpack of the 4-bit codes and an O×I product (DoRA needs its row norms)."""
+    from ..codecs import layer_codec
+    from ..codecs.lowrank import LowRankDown, LowRankUp
+    from ..codecs.svdq_scales import PackedVector
+
+    codec = layer_codec(layer.layout)
+    t = {p: ck.get(layer.key(p)) for p in codec.weight_parts if layer.key(p) in ck}
+    main = codec.dequantize(t) / PackedVector.unpack(t["smooth_factor"]).float()[None, :]
+    d = LowRankDown.unpack(ck.get(layer.key("proj_down"))).float()
+    u = LowRankUp.unpack(ck.get(layer.key("proj_up"))).float()
+    return main.addmm_(u, d)
 
 
 def _direct_parts(op: LayerOp, dtype: torch.dtype, used: int):
@@ -199,6 +269,30 @@ def _appended_error(ctx: VerifyContext, layer: Layer, f: Factors) -> tuple[float
         return lowrank_error(u1[:, r0:], d1[r0:], f)[0], False
     both = Factors(torch.cat([d0, f.down], 0), torch.cat([u0, f.up], 1))  # compare whole branches
     return lowrank_error(u1, d1, both)[0], True
+
+
+def _svd_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[str]) -> dict:
+    """A layer stored by truncated SVD: the stored part's error and captured fraction, against the best that
+    its rank allows (an exact SVD of the same ΔW)."""
+    import torch
+
+    from ..factors import dense_error, svd_truncate
+    from .deltas import dense_delta
+
+    dw = dense_delta(op, base=effective_weight(ctx.base, layer) if op.needs_base else None)
+    (d0, u0), (d1, u1) = _branches(ctx, layer)
+    r0 = d0.shape[0]
+    if not (torch.equal(d1[:r0], d0) and torch.equal(u1[:, :r0], u0)):
+        probs.append("the base low-rank branch was altered")
+    u, d = u1[:, r0:], d1[r0:]
+    err = dense_error(u, d, dw)
+    ref2 = float((dw.double() ** 2).sum())
+    captured = (float(((u.double().T @ u.double()) * (d.double() @ d.double().T)).sum()) / ref2) ** 0.5 if ref2 else 1.0
+    best = svd_truncate(dw, u.shape[1])[1]
+    floor = max(0.0, 1 - best * best) ** 0.5
+    if err > floor + LOWRANK_TOL:
+        probs.append(f"truncated-SVD error {err:.3g} above the best rank-{u.shape[1]} error {floor:.3g} + {LOWRANK_TOL}")
+    return {"rel_error": err, "captured": captured, "captured_best": best, "svd": True}
 
 
 def _bias_ok(ctx: VerifyContext, layer: Layer, op: LayerOp | None) -> bool:

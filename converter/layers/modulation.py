@@ -80,7 +80,6 @@ class ModulationInputs:
 
 class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     name = "modulation"
-    takes_dense = False
     verify_figure = "e_mod"
     plot_label = "modulation e_mod (1 = LoRA lost)"
     plot_limit = MOD_TOL
@@ -141,20 +140,27 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
 
 
 def _delta_in_stored_rows(ctx: MergeContext, layer: Layer, op: LayerOp):
-    """(ΔW as (up, down) factors or dense, Δb or None), rows permuted into the layer's stored order."""
+    """(ΔW as (up, down) factors, or dense when some update is not low-rank; Δb or None), rows permuted into the
+    layer's stored order."""
     import torch
 
-    from .deltas import bias_delta, lowrank_factors
+    from ..codecs import layer_codec
+    from .deltas import bias_delta, dense_delta, lowrank_factors
 
     order = ctx.model.family.row_order(layer.prefix)
-    permute = order.to_checkpoint if order is not None else (lambda t: t)
-    f = lowrank_factors(op)
+    to_stored = order.to_checkpoint if order is not None else (lambda t: t)
     db = bias_delta(op)
+    db = to_stored(db) if db is not None else None
+    if op.has_dense:
+        base = None
+        if op.needs_base:  # the base weight in the LoRA's row order (DoRA)
+            base = layer_codec(layer.layout).dequantize({p: ctx.base.get(layer.key(p)) for p in WEIGHT_PARTS})
+            base = order.to_lora(base) if order is not None else base
+        return to_stored(dense_delta(op, base=base)), db
+    f = lowrank_factors(op)
     if f is None:  # a bias-only delta: an exact bias update
-        delta_w = (torch.zeros(layer.out_features, 1), torch.zeros(1, layer.in_features))
-    else:
-        delta_w = (permute(f.up), f.down)
-    return delta_w, (permute(db) if db is not None else None)
+        return (torch.zeros(layer.out_features, 1), torch.zeros(1, layer.in_features)), db
+    return (to_stored(f.up), f.down), db
 
 
 def _requantize(ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp):
@@ -204,8 +210,9 @@ def _held_out_error(ctx: VerifyContext, layer: Layer, op: LayerOp) -> tuple[floa
     w0, w1 = (codec.dequantize({p: ck.get(layer.key(p)) for p in WEIGHT_PARTS}) for ck in (ctx.base, ctx.merged))
     zeros = torch.zeros(w0.shape[0])
     b0, b1 = ((ck.get(layer.key("bias")).float() if layer.has_bias else zeros) for ck in (ctx.base, ctx.merged))
-    (up, down), db = _delta_in_stored_rows(ctx, layer, op)
+    delta_w, db = _delta_in_stored_rows(ctx, layer, op)
     x = ModulationInputs.of(ctx).x_eval
-    ideal = up @ (down @ x.T) + (db if db is not None else zeros)[:, None]
+    ideal = (delta_w @ x.T if isinstance(delta_w, torch.Tensor) else delta_w[0] @ (delta_w[1] @ x.T))
+    ideal = ideal + (db if db is not None else zeros)[:, None]
     got = (w1 - w0) @ x.T + (b1 - b0)[:, None]
     return e_mod(got - ideal, ideal), bool(torch.equal(w0, w1) and torch.equal(b0, b1))

@@ -1,0 +1,66 @@
+"""LyCORIS LoHa: ΔW = scale · (W1a·W1b) ⊙ (W2a·W2b), scale = alpha / rank of W1 (1 without alpha).
+
+Low-rank by construction: the Hadamard product of two rank-r matrices has the row-wise Khatri–Rao factors
+up[o, i·r2+j] = W1a[o,i]·W2a[o,j] and down[i·r2+j, k] = W1b[i,k]·W2b[j,k], of rank r1·r2, exactly."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from ..errors import UnsupportedFormat
+from .base import Adapter, KeyPattern
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..factors import Factors
+
+_PARTS = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
+
+
+class Loha(Adapter, name="loha"):
+    title = "LoHa"
+    key_patterns = (KeyPattern(r"hada_(?P<p>w1_a|w1_b|w2_a|w2_b|t1|t2)", None, "loha",
+                               tuple((p, "hada_" + p) for p in _PARTS)),)
+    signature = frozenset("hada_" + p for p in _PARTS)
+    parts = signature | {"alpha"}
+    order = 30
+
+    def validate(self) -> None:
+        if "hada_t1" in self.keys or "hada_t2" in self.keys:
+            raise UnsupportedFormat(f"{self.lf.name}: module {self.module} has a Tucker core (hada_t1/hada_t2), "
+                                    "which LyCORIS only makes for convolutions; this layer is linear")
+        missing = [p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if p not in self.keys]
+        if missing:
+            raise self.fail(f"has no {', '.join(missing)} tensor")
+        s = {p: tuple(self.part_shape(p)) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        if any(len(v) != 2 for v in s.values()) or s["hada_w1_a"][1] != s["hada_w1_b"][0] or \
+                s["hada_w2_a"][1] != s["hada_w2_b"][0] or s["hada_w1_a"][0] != s["hada_w2_a"][0] or \
+                s["hada_w1_b"][1] != s["hada_w2_b"][1]:
+            raise self.fail(f"has inconsistent factor shapes {s}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.part_shape("hada_w1_a")[0], self.part_shape("hada_w1_b")[1]
+
+    @property
+    def rank(self) -> int:
+        return self.part_shape("hada_w1_b")[0] * self.part_shape("hada_w2_b")[0]
+
+    @cached_property
+    def scale(self) -> float:
+        alpha = self.alpha()
+        return self.lf.strength * (alpha / self.part_shape("hada_w1_b")[0] if alpha is not None else 1.0)
+
+    def factors(self) -> Factors:
+        from ..factors import Factors
+
+        w1a, w1b, w2a, w2b = (self.tensor(p).float() for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+        down = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+        return Factors(down * self.scale, up)
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        w1a, w1b, w2a, w2b = (self.tensor(p).float() for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        return (w1a @ w1b) * (w2a @ w2b) * self.scale

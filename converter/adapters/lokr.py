@@ -1,0 +1,95 @@
+"""LyCORIS LoKr: ΔW = scale · kron(W1, W2), each factor full (`lokr_w1`, `lokr_w2`) or low-rank
+(`lokr_w1_a`·`lokr_w1_b`, `lokr_w2_a`·`lokr_w2_b`); scale = alpha / rank of the low-rank factor (w2's when
+both are), 1 when neither is or alpha is absent (LyCORIS's and ComfyUI's convention).
+
+Low-rank by construction: kron(U1·V1, U2·V2) = kron(U1, U2) · kron(V1, V2), so its exact factors have rank
+rank(W1)·rank(W2) (a full factor counts its smaller side)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from ..errors import UnsupportedFormat
+from .base import Adapter, KeyPattern
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..factors import Factors
+
+_PARTS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
+
+
+class Lokr(Adapter, name="lokr"):
+    title = "LoKr"
+    key_patterns = (KeyPattern(r"lokr_(?P<p>w1|w1_a|w1_b|w2|w2_a|w2_b|t2)", None, "lokr",
+                               tuple((p, "lokr_" + p) for p in _PARTS)),)
+    signature = frozenset("lokr_" + p for p in _PARTS)
+    parts = signature | {"alpha"}
+    order = 30
+
+    def validate(self) -> None:
+        if "lokr_t2" in self.keys:
+            raise UnsupportedFormat(f"{self.lf.name}: module {self.module} has a Tucker core (lokr_t2), which LyCORIS "
+                                    "only makes for convolutions; this layer is linear")
+        for i in ("1", "2"):
+            full, a, b = (f"lokr_w{i}{s}" in self.keys for s in ("", "_a", "_b"))
+            if full == (a or b) or a != b:
+                raise self.fail(f"needs lokr_w{i} or both lokr_w{i}_a and lokr_w{i}_b, has "
+                                f"{sorted(k for k in self.keys if k.startswith(f'lokr_w{i}'))}")
+            if a and self.part_shape(f"lokr_w{i}_a")[1] != self.part_shape(f"lokr_w{i}_b")[0]:
+                raise self.fail(f"has lokr_w{i}_a {self.part_shape(f'lokr_w{i}_a')} and lokr_w{i}_b "
+                                f"{self.part_shape(f'lokr_w{i}_b')}: inconsistent factor shapes")
+        if any(len(self._factor_shape(i)) != 2 for i in ("1", "2")):
+            raise self.fail("has factors that are not matrices")
+
+    def _factor_shape(self, i: str) -> tuple[int, ...]:
+        if f"lokr_w{i}" in self.keys:
+            return tuple(self.part_shape(f"lokr_w{i}"))
+        return self.part_shape(f"lokr_w{i}_a")[0], self.part_shape(f"lokr_w{i}_b")[-1]
+
+    def _factor_rank(self, i: str) -> int:
+        if f"lokr_w{i}" in self.keys:
+            return min(self._factor_shape(i))
+        return self.part_shape(f"lokr_w{i}_b")[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        (a, b), (c, d) = self._factor_shape("1"), self._factor_shape("2")
+        return a * c, b * d
+
+    @property
+    def rank(self) -> int:
+        return self._factor_rank("1") * self._factor_rank("2")
+
+    @cached_property
+    def scale(self) -> float:
+        dim = next((self.part_shape(f"lokr_w{i}_b")[0] for i in ("2", "1") if f"lokr_w{i}_b" in self.keys), None)
+        alpha = self.alpha()
+        return self.lf.strength * (alpha / dim if alpha is not None and dim else 1.0)
+
+    def _pair(self, i: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with W_i = U·V, fp32; a full factor is paired with an identity on its smaller side."""
+        import torch
+
+        if f"lokr_w{i}" not in self.keys:
+            return self.tensor(f"lokr_w{i}_a").float(), self.tensor(f"lokr_w{i}_b").float()
+        w = self.tensor(f"lokr_w{i}").float()
+        a, b = w.shape
+        return (torch.eye(a), w) if a <= b else (w, torch.eye(b))
+
+    def factors(self) -> Factors:
+        import torch
+
+        from ..factors import Factors
+
+        (u1, v1), (u2, v2) = self._pair("1"), self._pair("2")
+        return Factors(torch.kron(v1, v2) * self.scale, torch.kron(u1, u2))
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
+        w = [self.tensor(f"lokr_w{i}").float() if f"lokr_w{i}" in self.keys
+             else self.tensor(f"lokr_w{i}_a").float() @ self.tensor(f"lokr_w{i}_b").float() for i in ("1", "2")]
+        return torch.kron(w[0], w[1]) * self.scale
