@@ -381,8 +381,9 @@ class StreamingWriter:
         data = tensor_bytes(t)
         self._put(_BytesRequest(data, self._expect(name, data.nbytes)))
 
-    def copy_tensor(self, name: str, src: Checkpoint) -> None:
-        info = src.tensors[name]
+    def copy_tensor(self, name: str, src: Checkpoint, src_name: str | None = None) -> None:
+        """Tensor `name` of the output is `src_name` (default: the same name) of `src`, byte for byte."""
+        info = src.tensors[src_name or name]
         self._put(_CopyRequest(src, info, self._expect(name, info.nbytes)))
 
     def finish(self, check: Callable[[str], None] | None = None) -> None:
