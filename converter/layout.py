@@ -110,3 +110,9 @@ class Family:
     def row_order(self, prefix: str) -> RowOrder | None:
         """The stored row permutation of layer `prefix`, if it has one."""
         return None
+
+    def smoothing_producers(self, prefix: str, layers: Mapping[str, Layer]) -> list[Segment] | None:
+        """Where deepcompressor can fold layer `prefix`'s smoothing when it fuses it upstream
+        (`fuse_when_possible`): the rows of the layers that produce its input, which then hold their true
+        output divided by the smoothing vector. None: not known for this layer."""
+        return None

@@ -24,7 +24,10 @@ class Model:
     rank: int  # uniform SVDQ rank (0 if none)
     quant_config: dict = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    fused_smoothing: set[str] = field(default_factory=set)  # SVDQ layers with smoothing fused upstream
+    fused_smoothing: dict[str, bytes] = field(default_factory=dict)  # SVDQ layer -> raw smooth_factor_orig
+
+    def smoothing_bytes(self, prefix: str) -> bytes:
+        return self.fused_smoothing[prefix]
 
     def lowrank_bytes_per_rank(self) -> int:
         """What one more unit of the uniform rank costs (proj_down + proj_up of every W4A4 layer, 16-bit)."""
@@ -106,13 +109,14 @@ def load_model(ckpt: Checkpoint) -> Model:
                  dict(ckpt.metadata), detect_fused_smoothing(ckpt, svdq_layers))
 
 
-def detect_fused_smoothing(ckpt: Checkpoint, svdq_layers: list[Layer]) -> set[str]:
-    """smooth_factor == 1 everywhere while smooth_factor_orig is not: deepcompressor's fuse_when_possible."""
-    out = set()
+def detect_fused_smoothing(ckpt: Checkpoint, svdq_layers: list[Layer]) -> dict[str, bytes]:
+    """smooth_factor == 1 everywhere while smooth_factor_orig is not: deepcompressor's fuse_when_possible.
+    Returns the raw smooth_factor_orig of each such layer (to compare layers that share a producer)."""
+    out = {}
     for l in svdq_layers:
         k, ko = l.key("smooth_factor"), l.key("smooth_factor_orig")
         if k not in ckpt or ko not in ckpt:
             continue
         if ckpt.all_equal(k, 1.0) and not ckpt.all_equal(ko, 1.0):
-            out.add(l.prefix)
+            out[l.prefix] = bytes(ckpt.read_bytes(ko))
     return out

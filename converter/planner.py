@@ -60,6 +60,10 @@ class LayerOp:
     layer: Layer
     kind: type[LayerKind]
     contributions: list[Contribution] = field(default_factory=list)
+    # smoothing fused upstream (deepcompressor's fuse_when_possible): this layer's input is x / s of the layer
+    # named here (itself), and rows [start, start+n) of its output are divided by s of the consumer named
+    input_smoothing: str | None = None
+    output_smoothing: list[tuple[int, int, str]] = field(default_factory=list)
 
     @property
     def weight_contributions(self) -> list[Contribution]:
@@ -154,7 +158,7 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
         if abs(lf.strength) < 1e-8:
             warnings.append(f"{lf.name}: strength 0 — this LoRA changes nothing")
     _detect_shared_down(ops)
-    _check_smoothing_fusion(model, ops)
+    _plan_smoothing(model, ops)
     new_rank = _new_rank(model, ops, max_rank, svd_rank, warnings)
     return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, svd_rank)
 
@@ -308,27 +312,35 @@ def _dense_kinds(ops: dict[str, LayerOp], names: list[str]) -> str:
     return ", ".join(sorted({c.adapter.title for p in names for c in ops[p].weight_contributions if not c.low_rank}))
 
 
-def _check_smoothing_fusion(model: Model, ops: dict[str, LayerOp]) -> None:
-    """Layers whose smoothing deepcompressor fused into the layer before (smooth_factor all ones but
-    smooth_factor_orig not) receive a pre-divided input, and the rows of the layer feeding them are divided
-    too (attention output <- the V rows of both q/k/v projections, which joint attention mixes). The stock
-    files do not use this; rather than merge such layers silently wrong, refuse."""
-    if not model.fused_smoothing:
-        return
+def _plan_smoothing(model: Model, ops: dict[str, LayerOp]) -> None:
+    """Layers whose smoothing deepcompressor fused upstream (smooth_factor all ones, smooth_factor_orig = s)
+    see the input x / s, and the rows that produce their input hold their true output divided by s (the
+    V rows of the q/k/v projections for an attention output). Merged exactly as nunchaku-format.md §2.4
+    says: A' = A·diag(s) on the layer, B' = diag(1/s)·B (and Δb / s) on the producer rows. Where the family
+    does not know the producers, refuse rather than merge silently wrong."""
+    for p in sorted(model.fused_smoothing):
+        producers = model.family.smoothing_producers(p, model.layers)
+        if producers is None:
+            if p in ops:
+                raise MergeError(f"layer {p} has its smoothing fused upstream (smooth_factor all ones, "
+                                 "smooth_factor_orig not) into layers this tool cannot identify, so a LoRA cannot be "
+                                 "merged into it exactly; nothing was written")
+            continue
+        if p in ops:
+            ops[p].input_smoothing = p
+        for seg in producers:
+            if seg.target in ops:
+                _add_output_smoothing(model, ops[seg.target], seg, p)
 
-    def block_of(p: str) -> str:
-        m = re.match(r"^([a-z_]+\.\d+)\.", p)
-        return m.group(1) if m else ""
 
-    attn_out_blocks = {block_of(p) for p in model.fused_smoothing if p.endswith(("to_out.0", "to_add_out"))}
-    for p in ops:
-        producer = block_of(p) in attn_out_blocks and p.endswith(("to_qkv", "add_qkv_proj"))
-        if p in model.fused_smoothing or producer:
-            raise MergeError(
-                f"layer {p} {'feeds a layer whose' if producer else 'has its'} smoothing fused upstream "
-                f"(smooth_factor all ones, smooth_factor_orig not): a LoRA cannot be merged into it exactly, "
-                f"so nothing was written. Fused layers: {', '.join(sorted(model.fused_smoothing)[:4])}"
-                f"{' ...' if len(model.fused_smoothing) > 4 else ''}")
+def _add_output_smoothing(model: Model, op: LayerOp, seg: Segment, consumer: str) -> None:
+    for start, rows, other in op.output_smoothing:
+        if (start, rows) == (seg.target_start, seg.rows):
+            if model.smoothing_bytes(other) != model.smoothing_bytes(consumer):
+                raise MergeError(f"rows {start}:{start + rows} of {op.layer.prefix} feed {other} and {consumer}, whose "
+                                 "fused smoothing vectors differ: the checkpoint is inconsistent; nothing was written")
+            return
+    op.output_smoothing.append((seg.target_start, seg.rows, consumer))
 
 
 # -- the output's metadata ----------------------------------------------------------------------------------------

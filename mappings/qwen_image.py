@@ -56,6 +56,21 @@ class QwenImage(Family):
             return ModulationInterleave()
         return None
 
+    def smoothing_producers(self, prefix: str, layers) -> list[Segment] | None:
+        """Attention outputs: their input is the attention of the V rows of both streams' fused q/k/v (joint
+        attention mixes them), so deepcompressor folds the smoothing into those V rows."""
+        if not prefix.endswith((".attn.to_out.0", ".attn.to_add_out")):
+            return None
+        attn = prefix.rsplit(".attn.", 1)[0] + ".attn."
+        out = []
+        for fused in ("to_qkv", "add_qkv_proj"):
+            layer = layers.get(attn + fused)
+            if layer is None:
+                return None
+            d = layer.out_features // 3
+            out.append(Segment(layer.prefix, 2 * d, 0, d, "v"))
+        return out
+
     def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
         targets = {p: whole(l) for p, l in layers.items()}
         for p, l in layers.items():

@@ -36,6 +36,18 @@ class ZImage(Family):
         return (metadata.get("model_class") == self.model_class or "layers.0.attention.to_qkv.qweight" in tensors
                 or "layers.0.attention.to_out.0.qweight" in tensors)
 
+    def smoothing_producers(self, prefix: str, layers) -> list[Segment] | None:
+        """The attention output's input is the attention of the V rows of `to_qkv`, where deepcompressor folds its
+        smoothing. (q/k/v and the gate/up projection could fold theirs into the preceding RMSNorm weights;
+        that is not mapped: such layers are refused.)"""
+        if not prefix.endswith(".attention.to_out.0"):
+            return None
+        layer = layers.get(prefix[: -len("to_out.0")] + "to_qkv")
+        if layer is None:
+            return None
+        d = layer.out_features // 3
+        return [Segment(layer.prefix, 2 * d, 0, d, "v")]
+
     def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
         targets = {p: whole(l) for p, l in layers.items()}
         for p, l in layers.items():

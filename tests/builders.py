@@ -636,12 +636,16 @@ def build_zimage_checkpoint(
     precision: str = "int4",
     skip_refiners: bool = False,
     seed: int = 0,
+    fused_smooth=(),
 ) -> dict:
     """Write a small Nunchaku Z-Image-Turbo checkpoint; return its truth dict (see module docstring).
 
     FFN hidden = int(dim/3*8); feed_forward.net.0.proj rows are [w3; w1]. No linear has a bias except the
-    bf16 embedders / final layer / adaLN. cap_feat_dim = 256.
+    bf16 embedders / final layer / adaLN. cap_feat_dim = 256. fused_smooth: `<block>.attention.to_out.0`
+    names whose smoothing is fused into the V rows of that block's to_qkv (deepcompressor's
+    fuse_when_possible): smooth_factor all ones, smooth_factor_orig = s, V rows divided by s.
     """
+    fused_smooth = set(fused_smooth)
     _check_precision(precision)
     _check_rank(rank)
     if dim % HEAD_DIM:
@@ -669,6 +673,8 @@ def build_zimage_checkpoint(
     for p in block_names:
         quantized = not (skip_refiners and not p.startswith("layers."))
         if quantized:
+            fuse_out = f"{p}.attention.to_out.0" in fused_smooth
+            s_out = _smooth(g, D) if fuse_out else None
             for name, parts, out_f, in_f in (
                 ("attention.to_qkv", ("attention.to_q", "attention.to_k", "attention.to_v"), 3 * D, D),
                 ("attention.to_out.0", None, D, D),
@@ -678,8 +684,15 @@ def build_zimage_checkpoint(
                 module = f"{p}.{name}"
                 w = _linear(g, out_f, in_f)
                 s = _smooth(g, in_f)
-                info = _svdq_layer(g, module, w.float(), None, s, fused=False, rank=rank, precision=precision, sd=sd)
-                _record_svdq(truth, module, w, None, info, info["w_eff"], None)
+                fused = fuse_out and name == "attention.to_out.0"
+                row_scale = torch.ones(out_f)
+                if fuse_out and name == "attention.to_qkv":
+                    row_scale[2 * D:] = 1.0 / s_out.float()
+                s = s_out if fused else s
+                target = w.float() * row_scale[:, None] * (s.float()[None, :] if fused else 1.0)
+                info = _svdq_layer(g, module, target, None, s, fused=fused, rank=rank, precision=precision, sd=sd)
+                w_deq = info["w_eff"] / row_scale[:, None] / (s.float()[None, :] if fused else 1.0)
+                _record_svdq(truth, module, w, None, info, w_deq, None)
                 if parts:
                     for j, part in enumerate(parts):
                         truth["lora_targets"][f"{p}.{part}"] = (D, D)
@@ -720,4 +733,7 @@ def build_zimage_checkpoint(
         "model_class": "NunchakuZImageTransformer2DModel",
         "quantization_config": json.dumps(quantization_config(precision, rank, skip_refiners=bool(skip_refiners))),
     }
+    truth["fused_smooth"] = sorted(m for m, v in truth["svdq"].items() if v["fused_smooth"])
+    if set(truth["fused_smooth"]) != fused_smooth:
+        raise ValueError(f"fused_smooth names no quantized attention output: {sorted(fused_smooth)}")
     return _finish(path, sd, metadata, truth)

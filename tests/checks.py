@@ -95,6 +95,17 @@ def dense_error(w_old: torch.Tensor, w_new: torch.Tensor, dw: torch.Tensor, name
     return err
 
 
+def stored_delta(base, out, module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The change of a W4A4 layer's map on its runtime input, from the reference forward on the identity:
+    (ΔW as stored (O, I), Δbias (O,))."""
+    with Checkpoint(base) as b, Checkpoint(out) as m:
+        tb, tm = layer_tensors(b, module), layer_tensors(m, module)
+    eye = torch.eye(tb["proj_down"].shape[0])
+    zero = torch.zeros(1, eye.shape[0])
+    db = svdq_forward(tm, zero) - svdq_forward(tb, zero)
+    return (svdq_forward(tm, eye) - svdq_forward(tb, eye) - db).T, db[0]
+
+
 def metadata(path) -> dict[str, str]:
     with Checkpoint(path) as c:
         return c.metadata

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builders import build_qwen_checkpoint
-from checks import check_merged, expected_deltas, metadata, quant_rank, run
+from checks import check_merged, expected_deltas, metadata, quant_rank, run, stored_delta
 from loader_emulation import check_loadable
 from lora_builders import FORMATS, random_lora_modules, write_lora
 
@@ -253,19 +253,52 @@ def test_text_encoder_keys_are_listed_as_ignored(qwen, tmp_path):
     assert rep["loras"][0]["keys"] == {"total": 3, "applied": 2, "ignored": 1, "unmapped": 0}
 
 
-def test_fused_smoothing_is_refused(tmp_path):
+def test_fused_smoothing_is_merged_exactly(tmp_path):
+    """deepcompressor's fuse_when_possible: attn.to_out.0 / to_add_out see x / s and the V rows of both q/k/v
+    projections hold v / s. A LoRA there goes in as A·diag(s) and diag(1/s)·B (and Δb / s): the layers'
+    true maps change by exactly ΔW (nunchaku-format.md §2.4)."""
     p = tmp_path / "fused.safetensors"
-    build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, fused_smooth=("transformer_blocks.0.attn.to_out.0",))
-    for module in ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_v"):
-        mods = random_lora_modules({module: (D, D)}, rank=4, seed=0)
-        lp = tmp_path / "l.safetensors"
-        write_lora(lp, mods, "diffusers")
-        res = run(p, lp, "-o", tmp_path / "o.safetensors", ok=False)
-        assert res.exit_code == 2 and "smoothing fused" in res.stderr
-        assert not (tmp_path / "o.safetensors").exists()
+    truth = build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, fused_smooth=("transformer_blocks.0.attn.to_out.0",))
+    s = truth["svdq"]["transformer_blocks.0.attn.to_out.0"]["smooth"].float()
+    blk = "transformer_blocks.0.attn."
+    targets = {blk + m: (D, D) for m in ("to_out.0", "to_add_out", "to_v", "add_v_proj", "to_q")}
+    mods = random_lora_modules(targets, rank=4, seed=3)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(D, generator=g) * 0.05
+    lp = tmp_path / "l.safetensors"
+    write_lora(lp, mods, "diffusers", extra={blk + "to_v.diff_b": bias})
+    out = tmp_path / "o.safetensors"
+    run(p, lp, "-o", out, "-q")
+    want = expected_deltas([(mods, 1.0)], truth["target_map"])
+    for module, scale_cols, scale_rows in ((blk + "to_out.0", True, None), (blk + "to_add_out", True, None),
+                                           (blk + "to_qkv", False, slice(2 * D, 3 * D)),
+                                           (blk + "add_qkv_proj", False, slice(2 * D, 3 * D))):
+        dw = want[module].clone()
+        if scale_cols:
+            dw = dw * s[None, :]
+        if scale_rows is not None:
+            dw[scale_rows] = dw[scale_rows] / s[:, None]
+        got, db = stored_delta(p, out, module)
+        assert float((got - dw).norm() / dw.norm()) < 1e-2, module
+        if module == blk + "to_qkv":
+            torch.testing.assert_close(db[2 * D:], (bias / s).bfloat16().float(), atol=2e-3, rtol=1e-2)
+            assert not db[:2 * D].any()
+    run("verify", p, out, lp, "-q")
+    # unfused layers of the same block (the q rows) are untouched by the scaling
+    got, _ = stored_delta(p, out, blk + "to_qkv")
+    assert float((got[:D] - want[blk + "to_qkv"][:D]).norm() / want[blk + "to_qkv"][:D].norm()) < 1e-2
+
+
+def test_fused_smoothing_into_unknown_layers_is_refused(tmp_path):
+    p = tmp_path / "fused.safetensors"
+    build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, fused_smooth=("transformer_blocks.0.attn.to_qkv",))
+    lp = tmp_path / "l.safetensors"
+    write_lora(lp, random_lora_modules({"transformer_blocks.0.attn.to_q": (D, D)}, rank=4, seed=0), "diffusers")
+    res = run(p, lp, "-o", tmp_path / "o.safetensors", ok=False)
+    assert res.exit_code == 2 and "smoothing fused" in res.stderr and "cannot identify" in res.stderr
+    assert not (tmp_path / "o.safetensors").exists()
     # a LoRA elsewhere in the model is fine
-    mods = random_lora_modules({"transformer_blocks.0.img_mlp.net.2": (D, 4 * D)}, rank=4, seed=0)
-    write_lora(lp, mods, "diffusers")
+    write_lora(lp, random_lora_modules({"transformer_blocks.0.img_mlp.net.2": (D, 4 * D)}, rank=4, seed=0), "diffusers")
     run(p, lp, "-o", tmp_path / "o.safetensors", "-q")
 
 

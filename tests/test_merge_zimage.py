@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from builders import build_qwen_checkpoint, build_zimage_checkpoint
-from checks import check_merged, expected_deltas, quant_rank, run
+from checks import check_merged, expected_deltas, quant_rank, run, stored_delta
 from loader_emulation import check_loadable
 from lora_builders import random_lora_modules, write_lora
 
@@ -142,3 +142,26 @@ def test_nvfp4_zimage(tmp_path):
     merge(p, lp, out)
     check_merged(p, out, truth, expected_deltas([(mods, 1.0)], truth["target_map"]))
     check_loadable(out)
+
+
+def test_fused_smoothing_is_merged_exactly(tmp_path):
+    """attention.to_out.0 with its smoothing fused into the V rows of to_qkv: A·diag(s) there, diag(1/s)·B on
+    the V rows; the true maps change by exactly ΔW."""
+    p = tmp_path / "fused.safetensors"
+    truth = build_zimage_checkpoint(p, layers=1, dim=D, rank=32, fused_smooth=("layers.0.attention.to_out.0",))
+    s = truth["svdq"]["layers.0.attention.to_out.0"]["smooth"].float()
+    mods = random_lora_modules({f"layers.0.attention.{m}": (D, D) for m in ("to_out.0", "to_v", "to_k")}, rank=4,
+                               seed=5)
+    lp = tmp_path / "l.safetensors"
+    write_lora(lp, mods, "comfy")
+    out = tmp_path / "o.safetensors"
+    run(p, lp, "-o", out, "-q")
+    want = expected_deltas([(mods, 1.0)], truth["target_map"])
+    got, _ = stored_delta(p, out, "layers.0.attention.to_out.0")
+    dw = want["layers.0.attention.to_out.0"] * s[None, :]
+    assert float((got - dw).norm() / dw.norm()) < 1e-2
+    got, _ = stored_delta(p, out, "layers.0.attention.to_qkv")
+    dw = want["layers.0.attention.to_qkv"].clone()
+    dw[2 * D:] /= s[:, None]
+    assert float((got - dw).norm() / dw.norm()) < 1e-2
+    run("verify", p, out, lp, "-q")

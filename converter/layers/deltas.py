@@ -1,6 +1,8 @@
 """A layer's LoRA part assembled from its contributions (placed on the layer's rows, in the LoRA's row
-order): the exact low-rank factors, the dense ΔW and the bias delta. Shared by every layer kind and by
-`verify`, which recompute the same thing from the same plan."""
+order): the exact low-rank factors, the dense ΔW and the bias delta, in the space the stored layer works in
+(smoothing fused upstream rescales its input columns or output rows: `runtime_scales`). Shared by every layer
+kind and by `verify`, which recompute the same thing from the same plan. `ck`: the base checkpoint, needed
+only by layers with fused smoothing."""
 
 from __future__ import annotations
 
@@ -14,7 +16,23 @@ if TYPE_CHECKING:
     from ..planner import LayerOp
 
 
-def lowrank_factors(op: LayerOp) -> Factors | None:
+def runtime_scales(op: LayerOp, ck) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(col (I,), row (O,)): the stored layer computes diag(row)·W·diag(col) of the true map W (None: ones)."""
+    from ..codecs.svdq_scales import PackedVector
+
+    def smooth(prefix: str) -> torch.Tensor:
+        return PackedVector.unpack(ck.get(f"{prefix}.smooth_factor_orig")).float()
+
+    col = smooth(op.input_smoothing) if op.input_smoothing else None
+    row = None
+    if op.output_smoothing:
+        row = torch.ones(op.layer.out_features)
+        for start, n, consumer in op.output_smoothing:
+            row[start:start + n] /= smooth(consumer)
+    return col, row
+
+
+def lowrank_factors(op: LayerOp, ck=None) -> Factors | None:
     """The exact low-rank contributions as one pair (fp32, scale in `down`); members that share a down factor
     contribute one set of columns (their up rows add)."""
     low = [(i, c) for i, c in enumerate(op.contributions) if c.low_rank]
@@ -36,23 +54,32 @@ def lowrank_factors(op: LayerOp) -> Factors | None:
             down[j:j + c.rank] = f.down
         for s in c.segments:
             up[s.target_start:s.target_start + s.rows, j:j + c.rank] += f.up[s.lora_start:s.lora_start + s.rows]
+    if op.input_smoothing or op.output_smoothing:
+        col, row = runtime_scales(op, ck)
+        if col is not None:
+            down *= col
+        if row is not None:
+            up *= row[:, None]
     return Factors(down, up)
 
 
-def dense_delta(op: LayerOp, device: str = "cpu", base: torch.Tensor | None = None, *,
-                lowrank: bool = True) -> torch.Tensor | None:
-    """ΔW (O, I) or (O,) for a 1-D parameter, fp32, of the weight contributions: the exact low-rank ones (unless
-    `lowrank` is False) and the dense ones. `base`: the layer's current weight in the LoRA's row order, for
-    adapters that need it (DoRA)."""
+def dense_delta(op: LayerOp, device: str = "cpu", base: torch.Tensor | None = None, *, ck=None) -> torch.Tensor | None:
+    """ΔW (O, I) or (O,) for a 1-D parameter, fp32, of the weight contributions, exact low-rank ones included.
+    `base`: the layer's current (stored) weight, for adapters that need it (DoRA)."""
+    col, row = runtime_scales(op, ck) if op.input_smoothing or op.output_smoothing else (None, None)
+    if base is not None and (col is not None or row is not None):
+        base = base / (row[:, None] if row is not None else 1) / (col if col is not None else 1)
     out = None
-    f = lowrank_factors(op) if lowrank else None
-    if f is not None:
-        out = f.dense(device)
     for c in op.weight_contributions:
         if c.low_rank:
             continue
         d = c.place(c.adapter.delta(_rows_of(base, c) if c.adapter.needs_base else None), op.layer.out_features)
         out = d.to(device) if out is None else out + d.to(device)
+    if out is not None and (col is not None or row is not None):
+        out = out * (row.to(device)[:, None] if row is not None else 1) * (col.to(device) if col is not None else 1)
+    f = lowrank_factors(op, ck)
+    if f is not None:
+        out = f.dense(device) if out is None else out + f.dense(device)
     return out
 
 
@@ -64,10 +91,12 @@ def _rows_of(base: torch.Tensor | None, c) -> torch.Tensor | None:
     return torch.cat(rows, 0)
 
 
-def bias_delta(op: LayerOp) -> torch.Tensor | None:
+def bias_delta(op: LayerOp, ck=None) -> torch.Tensor | None:
     """Δb (O,) fp32, in the LoRA's row order."""
     out = None
     for c in op.bias_contributions:
         d = c.place(c.adapter.delta(), op.layer.out_features)
         out = d if out is None else out + d
+    if out is not None and op.output_smoothing:
+        out = out * runtime_scales(op, ck)[1]
     return out

@@ -31,12 +31,12 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
         out, rec = {}, {}
         if op.weight_contributions:
             w = ctx.base.get(layer.key("weight"))
-            dw = dense_delta(op, ctx.device, base=w.float() if op.needs_base else None)
+            dw = dense_delta(op, ctx.device, base=w.float() if op.needs_base else None, ck=ctx.base)
             new = (w.to(ctx.device, dtype=dw.dtype) + dw).to(w.dtype)
             out[layer.key("weight")] = check_finite(layer.key("weight"), new).cpu()
             rec = dense_record(w.to(ctx.device), new, dw)
         if op.bias_contributions:
-            b, db = ctx.base.get(layer.key("bias")), bias_delta(op)
+            b, db = ctx.base.get(layer.key("bias")), bias_delta(op, ctx.base)
             new = (b.float() + db).to(b.dtype)
             out[layer.key("bias")] = check_finite(layer.key("bias"), new)
             rec["bias"] = dense_record(b, new, db)
@@ -90,7 +90,7 @@ def _weight_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[s
     from .deltas import dense_delta
 
     w0, w1 = ctx.base.get(layer.key("weight")), ctx.merged.get(layer.key("weight"))
-    rec = dense_record(w0, w1, dense_delta(op, base=w0.float() if op.needs_base else None))
+    rec = dense_record(w0, w1, dense_delta(op, base=w0.float() if op.needs_base else None, ck=ctx.base))
     rec.pop("delta_norm")
     if rec["rel_error"] > DENSE_FLOOR_FACTOR * rec["rounding_floor"] + 1e-7:
         probs.append(f"error {rec['rel_error']:.3g} above {DENSE_FLOOR_FACTOR}x the rounding floor "
@@ -105,7 +105,7 @@ def _check_bias(ctx: VerifyContext, layer: Layer, op: LayerOp | None, probs: lis
 
     from .deltas import bias_delta
 
-    db = bias_delta(op) if op is not None else None
+    db = bias_delta(op, ctx.base) if op is not None else None
     b0, b1 = ctx.base.get(layer.key("bias")), ctx.merged.get(layer.key("bias"))
     if db is None and not ctx.unchanged(layer.key("bias")):
         probs.append("bias changed although no LoRA targets it")

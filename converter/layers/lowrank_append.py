@@ -62,7 +62,7 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         if op is not None and op.has_dense:
             d_add, u_add, rec = _svd_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
         elif op is not None and cls.added_rank(op):
-            d_add, u_add, rec = _lowrank_part(op, pd.dtype, plan.new_rank - pd.shape[1])
+            d_add, u_add, rec = _lowrank_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
         out = {}
         if plan.new_rank != pd.shape[1]:
             out = {layer.key("proj_down"): append_packed(pd, d_add, down=True, rank=plan.new_rank),
@@ -107,7 +107,7 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         elif op.has_dense:
             rec |= _svd_figures(ctx, layer, op, probs)
         else:
-            rec["rel_error"], moved = _appended_error(ctx, layer, lowrank_factors(op))
+            rec["rel_error"], moved = _appended_error(ctx, layer, lowrank_factors(op, ctx.base))
             if moved:
                 probs.append("the base low-rank branch was altered")
             if rec["rel_error"] > LOWRANK_TOL:
@@ -118,7 +118,7 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
 
 
 # -- merging ----------------------------------------------------------------------------------------------------
-def _lowrank_part(op: LayerOp, dtype: torch.dtype, room: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _lowrank_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The appended (down, up) in the checkpoint dtype, rank a multiple of 16, and the layer's record."""
     import torch
 
@@ -126,12 +126,13 @@ def _lowrank_part(op: LayerOp, dtype: torch.dtype, room: int) -> tuple[torch.Ten
     from .deltas import lowrank_factors
 
     rank = LowRankAppend.added_rank(op)
-    direct = _direct_parts(op, dtype, _round16(rank)) if rank <= room else None
+    smoothed = op.input_smoothing or op.output_smoothing
+    direct = _direct_parts(op, dtype, _round16(rank)) if rank <= room and not smoothed else None
     if direct is not None:  # the common case: no fp32 factors at all
         d_add, u_add, err = direct
         return check_finite(op.layer.prefix, d_add), check_finite(op.layer.prefix, u_add), \
             {"rel_error": err, "rank_added": rank}
-    ideal = lowrank_factors(op)
+    ideal = lowrank_factors(op, ctx.base)
     f, dropped = truncate(ideal, room) if ideal.rank > room else (ideal, 0.0)
     r = f.rank
     d_add = torch.zeros(_round16(r), op.layer.in_features, dtype=dtype)
@@ -156,7 +157,7 @@ def _svd_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int):
     from .deltas import dense_delta
 
     base = effective_weight(ctx.base, op.layer) if op.needs_base else None
-    dw = check_finite(op.layer.prefix, dense_delta(op, ctx.device, base=base))
+    dw = check_finite(op.layer.prefix, dense_delta(op, ctx.device, base=base, ck=ctx.base))
     f, captured = svd_truncate(dw, room)
     d_add = torch.zeros(_round16(room), op.layer.in_features, dtype=dtype)
     u_add = torch.zeros(op.layer.out_features, _round16(room), dtype=dtype)
@@ -228,7 +229,7 @@ def _new_bias(ctx: MergeContext, layer: Layer, op: LayerOp) -> tuple[torch.Tenso
     from ..factors import check_finite
     from .deltas import bias_delta
 
-    db = bias_delta(op)
+    db = bias_delta(op, ctx.base)
     b = ctx.base.get(layer.key("bias"))
     new = PackedVector.unpack(b).float() + db
     return PackedVector.pack(check_finite(layer.key("bias"), new).to(b.dtype)), float(db.norm())
@@ -279,7 +280,7 @@ def _svd_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[str]
     from ..factors import dense_error, svd_truncate
     from .deltas import dense_delta
 
-    dw = dense_delta(op, base=effective_weight(ctx.base, layer) if op.needs_base else None)
+    dw = dense_delta(op, base=effective_weight(ctx.base, layer) if op.needs_base else None, ck=ctx.base)
     (d0, u0), (d1, u1) = _branches(ctx, layer)
     r0 = d0.shape[0]
     if not (torch.equal(d1[:r0], d0) and torch.equal(u1[:, :r0], u0)):
@@ -302,7 +303,7 @@ def _bias_ok(ctx: VerifyContext, layer: Layer, op: LayerOp | None) -> bool:
     from .deltas import bias_delta
 
     key = layer.key("bias")
-    db = bias_delta(op) if op is not None else None
+    db = bias_delta(op, ctx.base) if op is not None else None
     b0, b1 = PackedVector.unpack(ctx.base.get(key)).float(), PackedVector.unpack(ctx.merged.get(key)).float()
     want = b0 if db is None else (b0 + db).to(ctx.base.get(key).dtype).float()
     return torch.allclose(b1, want, rtol=1e-2, atol=1e-3 * (1 + float(want.abs().max())))
