@@ -107,8 +107,7 @@ class LoraFile:
     modules: dict[tuple[str, bool], LoraModule] = field(default_factory=dict)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (key, rule)
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    default_alpha: float | None = None  # from diffusers' lora_adapter_metadata, when present
-    rslora: bool = False
+    peft: PeftConfig | None = None  # from PEFT / diffusers' lora_adapter_metadata, when present
     _sha256: str | None = None
     _hasher: tuple | None = None  # the pending hash (see _FileHashes)
 
@@ -161,26 +160,58 @@ def strip_prefixes(key: str) -> tuple[str, bool, list[str]]:
     return key, False, used
 
 
-def _adapter_defaults(meta: dict[str, str]) -> tuple[float | None, bool]:
-    raw = meta.get("lora_adapter_metadata")
-    if not raw:
-        return None, False
+@dataclass(frozen=True)
+class PeftConfig:
+    """The adapter config a PEFT / diffusers file carries in its `lora_adapter_metadata` metadata key (PEFT
+    keeps alpha out of the tensors): LoRA's `lora_alpha`, LoKr/LoHa's `alpha`, the rank `r`, and the per-module
+    `rank_pattern` / `alpha_pattern` overrides."""
+
+    lora_alpha: float | None = None
+    alpha: float | None = None
+    r: int | None = None
+    rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    @staticmethod
+    def _lookup(patterns: dict, module: str):
+        """PEFT's rule: a pattern key names a module by its full name or a dotted suffix (or a regex)."""
+        for k, v in patterns.items():
+            if module == k or module.endswith("." + k) or re.fullmatch(rf"(.*\.)?{k}", module):
+                return v
+        return None
+
+    def alpha_for(self, module: str, lora: bool) -> float | None:
+        v = self._lookup(self.alpha_pattern, module)
+        return float(v) if v is not None else (self.lora_alpha if lora else self.alpha)
+
+    def rank_for(self, module: str) -> int | None:
+        v = self._lookup(self.rank_pattern, module)
+        return int(v) if v is not None else self.r
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def peft_config(meta: dict[str, str]) -> PeftConfig | None:
+    """The first adapter config found in `lora_adapter_metadata` (it may be nested, e.g. under "transformer")."""
     try:
-        d = json.loads(raw)
+        stack = [json.loads(meta.get("lora_adapter_metadata") or "null")]
     except json.JSONDecodeError:
-        return None, False
-    flat: dict = {}
-    stack = [("", d)]
+        return None
     while stack:
-        pre, obj = stack.pop()
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                stack.append((f"{pre}.{k}" if pre else k, v))
-        else:
-            flat[pre] = obj
-    alpha = next((v for k, v in flat.items() if k.split(".")[-1] == "lora_alpha" and isinstance(v, (int, float))), None)
-    rs = any(k.split(".")[-1] == "use_rslora" and v is True for k, v in flat.items())
-    return (float(alpha) if alpha is not None else None), rs
+        d = stack.pop(0)
+        if not isinstance(d, dict):
+            continue
+        if any(_number(d.get(k)) for k in ("r", "lora_alpha", "alpha")):
+            pat = {k: v for k in ("rank_pattern", "alpha_pattern") if isinstance(v := d.get(k), dict)}
+            return PeftConfig(float(d["lora_alpha"]) if _number(d.get("lora_alpha")) else None,
+                              float(d["alpha"]) if _number(d.get("alpha")) else None,
+                              int(d["r"]) if _number(d.get("r")) else None, d.get("use_rslora") is True,
+                              pat.get("rank_pattern", {}), pat.get("alpha_pattern", {}))
+        stack.extend(d.values())
+    return None
 
 
 def _describe_format(prefixes: Counter, styles: Counter, peft_names: set[str], types: Counter) -> str:
@@ -250,7 +281,7 @@ def open_lora(spec: str) -> LoraFile:
         if len(peft_names) > 1:
             raise UnsupportedFormat(f"{lf.name}: holds several PEFT adapters ({', '.join(sorted(peft_names))}); "
                                     "save one adapter per file")
-        lf.default_alpha, lf.rslora = _adapter_defaults(lf.ckpt.metadata)
+        lf.peft = peft_config(lf.ckpt.metadata)
         types: Counter = Counter()
         for mod in lf.modules.values():
             mod.adapters, mod.leftover = adapters.claim(lf, mod.name, mod.keys)

@@ -60,6 +60,10 @@ class Adapter:
     parts: ClassVar[frozenset[str]] = frozenset()  # every part the type takes (signature, alpha, ...)
     order: ClassVar[int] = 100
     applies_to: ClassVar[str] = "weight"  # or "bias"
+    wraps: ClassVar[bool] = False  # modifies the module's weight update (DoRA), attached with `wrap`
+
+    def wrap(self, inner: Adapter) -> None:  # pragma: no cover - interface of wrapping types
+        raise NotImplementedError
 
     def __init_subclass__(cls, name: str = "", **kw):
         super().__init_subclass__(**kw)
@@ -71,6 +75,7 @@ class Adapter:
 
     def __init__(self, lf: LoraFile, module: str, keys: dict[str, str]):
         self.lf, self.module, self.keys = lf, module, keys
+        self.strength = lf.strength  # a wrapping adapter (DoRA) may set its inner update's own
 
     # -- what the planner asks ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -119,15 +124,32 @@ class Adapter:
         return self.lf.ckpt.tensors[self.keys[part]].shape
 
     def alpha(self) -> float | None:
+        """The module's alpha: its `alpha` tensor, else the file's PEFT config (LoRA's lora_alpha, LoKr/LoHa's
+        alpha, per-module patterns included), else None."""
         key = self.keys.get("alpha")
         if key is None:
-            return self.lf.default_alpha
+            return self.lf.peft.alpha_for(self.module, lora=self.uses_lora_alpha) if self.lf.peft else None
         if math.prod(self.lf.ckpt.tensors[key].shape) != 1:
             raise MergeError(f"{self.lf.name}: alpha {key} is not a scalar")
         return self.lf.ckpt.scalar(key)
 
+    uses_lora_alpha: ClassVar[bool] = True  # PEFT names a LoRA's alpha `lora_alpha`, LoKr's / LoHa's `alpha`
+
     def fail(self, what: str) -> MergeError:
         return MergeError(f"{self.lf.name}: module {self.module} {what}")
+
+
+def lycoris_scale(a: Adapter, r: int | None, peft_rank: int | None) -> float:
+    """alpha / r as LyCORIS (and kohya, ai-toolkit, ComfyUI) define it for LoKr / LoHa: no low-rank factor
+    (r None) -> 1; alpha absent or 0 -> alpha = r. A PEFT file (no alpha tensor, a PEFT config) uses its config's
+    alpha / r, in every layout (PEFT's own rule)."""
+    if "alpha" not in a.keys and a.lf.peft is not None and a.lf.peft.alpha is not None:
+        rank = a.lf.peft.rank_for(a.module) or peft_rank
+        return a.lf.peft.alpha_for(a.module, lora=False) / rank if rank else 1.0
+    alpha = a.alpha() if "alpha" in a.keys else None
+    if r is None or not alpha:
+        return 1.0
+    return alpha / r
 
 
 def key_patterns() -> list[tuple[KeyPattern, type[Adapter] | None]]:
@@ -137,15 +159,24 @@ def key_patterns() -> list[tuple[KeyPattern, type[Adapter] | None]]:
 
 
 def claim(lf: LoraFile, module: str, keys: dict[str, str]) -> tuple[list[Adapter], dict[str, str]]:
-    """Split one module's parts into adapters; returns them and the parts no type took."""
+    """Split one module's parts into adapters; returns them and the parts no type took. A wrapping type (DoRA)
+    takes the module's weight update inside it."""
     left = dict(keys)
     found: list[Adapter] = []
     for cls in sorted(ADAPTERS.values(), key=lambda c: c.order):
-        if cls.signature & left.keys():
-            mine = {p: k for p, k in left.items() if p in cls.parts}
-            for p in mine:
-                del left[p]
-            a = cls(lf, module, mine)
-            a.validate()
-            found.append(a)
+        if not cls.signature & left.keys():
+            continue
+        mine = {p: k for p, k in left.items() if p in cls.parts}
+        for p in mine:
+            del left[p]
+        a = cls(lf, module, mine)
+        if cls.wraps:
+            inner = [b for b in found if b.applies_to == "weight"]
+            if len(inner) != 1:
+                raise a.fail(f"has a {cls.title} magnitude but {'no' if not inner else 'several'} weight updates "
+                             "(lora_A/B, lokr_*, hada_*) to apply it to")
+            found.remove(inner[0])
+            a.wrap(inner[0])
+        a.validate()
+        found.append(a)
     return found, left

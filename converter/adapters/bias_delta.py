@@ -23,4 +23,4 @@ class BiasDelta(Adapter, name="diff_b"):
         return tuple(self.part_shape("diff_b"))
 
     def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tensor("diff_b").float() * self.lf.strength
+        return self.tensor("diff_b").float() * self.strength

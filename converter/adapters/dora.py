@@ -1,64 +1,72 @@
-"""DoRA: a LoRA whose merged weight is re-normalised, W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖, with the norm per
-output row (PEFT's `lora_magnitude_vector` (O,), LyCORIS's `dora_scale` (O, 1)) or per input column
-(LyCORIS `dora_scale` (1, I), `wd_on_out=False`). The update a merge applies is ΔW = strength·(W' − W):
-it needs the base weight and is not low-rank (a row or column scaling of W), so dense layers take it
-exactly and 4-bit layers by truncated SVD."""
+"""DoRA: a weight update (LoRA, LoKr or LoHa) whose merged weight is re-normalised,
+W' = m ⊙ V / ‖V‖ with V = W + ΔV, the norm per output row (PEFT's `lora_magnitude_vector` (O,), LyCORIS's
+`dora_scale` (O, 1), the default since 2025) or per input column (LyCORIS `dora_scale` (1, I), older files).
+
+Strength, as each trainer defines it (they differ): LyCORIS (`dora_scale`) interpolates the magnitude ratio,
+W'' = V·(k·(m/(‖V‖+eps) − 1) + 1) with ΔV at its own scale; PEFT (`lora_magnitude_vector`) scales ΔV inside
+V and the norm, no eps. Either way the update ΔW = W'' − W needs the base weight and is not low-rank (it
+rescales W), so dense layers take it exactly and 4-bit layers by truncated SVD."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import KeyPattern
-from .lora import Lora
+from .base import Adapter, KeyPattern
 
 if TYPE_CHECKING:
     import torch
 
-EPS = 1e-6  # LyCORIS and ComfyUI add this to the norm; PEFT does not (a 1e-6 shift of a norm ~1 is ~1e-6)
+LYCORIS_EPS = 2.0 ** -23  # LyCORIS adds finfo(dtype).eps of its fp32 dora_scale
 
 
-class Dora(Lora, name="dora"):
+class Dora(Adapter, name="dora"):
     title = "DoRA"
-    key_patterns = (KeyPattern(r"dora_scale", "magnitude", "dora"),
-                    KeyPattern(r"lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?", "magnitude", "dora"))
-    signature = frozenset({"magnitude"})
-    parts = frozenset({"A", "B", "alpha", "magnitude"})
-    order = 40  # before plain LoRA: a DoRA module is a LoRA module with a magnitude
+    key_patterns = (KeyPattern(r"dora_scale", "dora_scale", "dora"),
+                    KeyPattern(r"lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?", "magnitude_vector", "dora"))
+    signature = parts = frozenset({"dora_scale", "magnitude_vector"})
+    order = 90  # after the weight update it wraps
     needs_base = True
+    wraps = True
+    inner: Adapter
+
+    def wrap(self, inner: Adapter) -> None:
+        self.inner = inner
+        self.peft = "magnitude_vector" in self.keys
+        inner.strength = self.strength if self.peft else 1.0  # PEFT scales ΔV itself; LyCORIS keeps it whole
+        self.title = f"DoRA ({inner.title})"
 
     def validate(self) -> None:
-        super().validate()
         out, inp = self.shape
-        m = tuple(self.part_shape("magnitude"))
-        if m not in ((out,), (out, 1), (1, inp)):
-            raise self.fail(f"has a DoRA magnitude of shape {m}; a {out}x{inp} layer needs ({out},), ({out}, 1) "
-                            f"or (1, {inp})")
+        m = tuple(self.part_shape(self._part))
+        allowed = ((out,),) if self.peft else ((out, 1), (1, inp))
+        if m not in allowed:
+            raise self.fail(f"has a DoRA magnitude of shape {m}; a {out}x{inp} layer needs "
+                            f"{' or '.join(str(a) for a in allowed)}")
 
     @property
-    def rank(self) -> None:
-        return None  # W' − W rescales the whole base weight: not low-rank
+    def _part(self) -> str:
+        return "magnitude_vector" if self.peft else "dora_scale"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.inner.shape)
 
     @property
     def per_row(self) -> bool:
-        """Norm per output row (PEFT; LyCORIS wd_on_out), else per input column."""
-        return tuple(self.part_shape("magnitude")) != (1, self.shape[1]) or self.shape[0] == 1
-
-    def down_identity(self) -> None:
-        return None
-
-    def factors_in(self, dtype):
-        return None
+        """Norm per output row (PEFT; LyCORIS wd_on_out), else per input column (only LyCORIS (1, I))."""
+        return self.peft or tuple(self.part_shape("dora_scale"))[0] != 1 or self.shape[0] == 1
 
     def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
         if base is None:
             raise RuntimeError("DoRA needs the base weight")  # the layer kinds pass it (needs_base)
-        lora = self.tensor("B").float() @ (self.tensor("A").float() * self.lora_scale)
-        merged = base.float() + lora
-        m = self.tensor("magnitude").float()
+        w0 = base.double()
+        v = w0 + self.inner.delta().double()
+        m = self.tensor(self._part).double()
         if self.per_row:
-            norm = merged.norm(dim=1, keepdim=True) + EPS
-            m = m.reshape(-1, 1)
+            norm, m = v.norm(dim=1, keepdim=True), m.reshape(-1, 1)
         else:
-            norm = merged.norm(dim=0, keepdim=True) + EPS
-            m = m.reshape(1, -1)
-        return self.lf.strength * (merged * (m / norm) - base.float())
+            norm, m = v.norm(dim=0, keepdim=True), m.reshape(1, -1)
+        if self.peft:
+            return (v * (m / norm) - w0).float()
+        ratio = m / (norm + LYCORIS_EPS)
+        return (v * (self.strength * (ratio - 1) + 1) - w0).float()

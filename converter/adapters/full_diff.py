@@ -22,4 +22,4 @@ class FullDiff(Adapter, name="diff"):
         return tuple(self.part_shape("diff"))
 
     def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tensor("diff").float() * self.lf.strength
+        return self.tensor("diff").float() * self.strength

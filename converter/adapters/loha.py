@@ -1,4 +1,5 @@
-"""LyCORIS LoHa: ΔW = scale · (W1a·W1b) ⊙ (W2a·W2b), scale = alpha / rank of W1 (1 without alpha).
+"""LyCORIS LoHa: ΔW = scale · (W1a·W1b) ⊙ (W2a·W2b), scale = alpha / r with r the rank of W1 (alpha absent or 0
+means alpha = r; PEFT files: alpha / r from their config).
 
 Low-rank by construction: the Hadamard product of two rank-r matrices has the row-wise Khatri–Rao factors
 up[o, i·r2+j] = W1a[o,i]·W2a[o,j] and down[i·r2+j, k] = W1b[i,k]·W2b[j,k], of rank r1·r2, exactly."""
@@ -9,7 +10,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedFormat
-from .base import Adapter, KeyPattern
+from .base import Adapter, KeyPattern, lycoris_scale
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +51,8 @@ class Loha(Adapter, name="loha"):
 
     @cached_property
     def scale(self) -> float:
-        alpha = self.alpha()
-        return self.lf.strength * (alpha / self.part_shape("hada_w1_b")[0] if alpha is not None else 1.0)
+        r = self.part_shape("hada_w1_b")[0]
+        return self.strength * lycoris_scale(self, r, peft_rank=r)
 
     def factors(self) -> Factors:
         from ..factors import Factors

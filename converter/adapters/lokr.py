@@ -1,6 +1,8 @@
 """LyCORIS LoKr: ΔW = scale · kron(W1, W2), each factor full (`lokr_w1`, `lokr_w2`) or low-rank
-(`lokr_w1_a`·`lokr_w1_b`, `lokr_w2_a`·`lokr_w2_b`); scale = alpha / rank of the low-rank factor (w2's when
-both are), 1 when neither is or alpha is absent (LyCORIS's and ComfyUI's convention).
+(`lokr_w1_a`·`lokr_w1_b`, `lokr_w2_a`·`lokr_w2_b`). Scale as LyCORIS defines it: alpha / r with r the rank of
+the low-rank factor (w1's if it has one, else w2's); alpha absent or 0 means alpha = r; both factors full means
+scale 1 whatever alpha says (ai-toolkit stores 9999999999, inf in fp16). PEFT files carry no alpha tensor: their
+config (`lora_adapter_metadata`) gives alpha / r, which PEFT applies in every layout.
 
 Low-rank by construction: kron(U1·V1, U2·V2) = kron(U1, U2) · kron(V1, V2), so its exact factors have rank
 rank(W1)·rank(W2) (a full factor counts its smaller side)."""
@@ -11,7 +13,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedFormat
-from .base import Adapter, KeyPattern
+from .base import Adapter, KeyPattern, lycoris_scale
 
 if TYPE_CHECKING:
     import torch
@@ -65,9 +67,10 @@ class Lokr(Adapter, name="lokr"):
 
     @cached_property
     def scale(self) -> float:
-        dim = next((self.part_shape(f"lokr_w{i}_b")[0] for i in ("2", "1") if f"lokr_w{i}_b" in self.keys), None)
-        alpha = self.alpha()
-        return self.lf.strength * (alpha / dim if alpha is not None and dim else 1.0)
+        return self.strength * lycoris_scale(self, self._lowrank_dim(), peft_rank=self._lowrank_dim())
+
+    def _lowrank_dim(self) -> int | None:
+        return next((self.part_shape(f"lokr_w{i}_a")[1] for i in ("1", "2") if f"lokr_w{i}_a" in self.keys), None)
 
     def _pair(self, i: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) with W_i = U·V, fp32; a full factor is paired with an identity on its smaller side."""

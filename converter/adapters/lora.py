@@ -55,11 +55,12 @@ class Lora(Adapter, name="lora"):
         alpha = self.alpha()
         if alpha is None:
             return 1.0
-        return alpha / (math.sqrt(self.rank) if self.lf.rslora else self.rank)
+        rslora = self.lf.peft is not None and self.lf.peft.rslora
+        return alpha / (math.sqrt(self.rank) if rslora else self.rank)
 
     @property
     def scale(self) -> float:
-        return self.lf.strength * self.lora_scale
+        return self.strength * self.lora_scale
 
     def down_identity(self) -> bytes:
         # bit-identical A (stricter than ==, which would also pair +0.0 with -0.0), with its dtype and scale
