@@ -22,6 +22,9 @@ What it does
                  baseline of every ratio
      cp-nosync   plain `cp BASE OUT` (informational; --no-cp-nosync drops it)
      merge-skip  `python -m converter.cli BASE LORA -o OUT --mod skip`
+     merge-lokr  `python -m converter.cli BASE LOKR -o OUT --mod skip`: a LyCORIS LoKr (w1 4x4 full, w2 rank 16,
+                 exact rank 64 like the LoRA) on every attention/MLP module (--no-lokr drops it; its target is
+                 <= 1.3x merge-skip)
      merge-mod   `python -m converter.cli BASE LORA -o OUT` (default --mod calibrated)
      naive       safetensors.torch.load_file(BASE) + save_file(OUT) (+ fsync), run last, under a memory
                  watchdog (see LAUNCHER); skipped by default when the base is larger than 40 % of RAM
@@ -188,6 +191,24 @@ def lora_specs(blocks: int, r: int) -> list[OutSpec]:
     return st_order(s)
 
 
+LOKR_FACTOR = 4  # w1 (4, 4) full, w2 low-rank: the exact rank of kron is 4·r (64 for r = 16, as the LoRA)
+LOKR_RANK = 16
+
+
+def lokr_specs(blocks: int, r: int) -> list[OutSpec]:
+    """A LyCORIS LoKr (kohya/LyCORIS key names, lycoris_ prefix) of rank r on every attention and MLP module."""
+    s = []
+    for b in range(blocks):
+        for m, o, i in LORA_MODULES:
+            if m.endswith("_mod.1"):
+                continue
+            k = f"lycoris_transformer_blocks_{b}_{m.replace('.', '_')}"
+            s += [OutSpec(f"{k}.lokr_w1", "BF16", (LOKR_FACTOR, LOKR_FACTOR)),
+                  OutSpec(f"{k}.lokr_w2_a", "BF16", (o // LOKR_FACTOR, r)),
+                  OutSpec(f"{k}.lokr_w2_b", "BF16", (r, i // LOKR_FACTOR)), OutSpec(f"{k}.alpha", "BF16", ())]
+    return st_order(s)
+
+
 # ---------------------------------------------------------------------------------------- random fills
 class Filler:
     """Random tensor contents; numpy PCG64 for the bulk random bits (~8x faster than torch.randint here)."""
@@ -256,6 +277,17 @@ def lora_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
         return f.normal(spec.shape, 1.0 / math.sqrt(c))
     # B (out, r): ||B·A||_F ~ scale * sqrt(out), i.e. 5 % of a unit-normalised weight
     return f.normal(spec.shape, scale / math.sqrt(c))
+
+
+def lokr_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
+    part = spec.name.rpartition(".")[2]
+    if part == "alpha":  # alpha = rank: scale 1
+        return torch.tensor(float(LOKR_RANK), dtype=BF16)
+    if part == "lokr_w1":  # entries ~1: kron(w1, w2) ~ w2 blocks
+        return f.normal(spec.shape, 1.0)
+    if part == "lokr_w2_b":  # (r, in/f)
+        return f.normal(spec.shape, 1.0 / math.sqrt(spec.shape[1]))
+    return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]) / LOKR_FACTOR)  # w2_a (out/f, r)
 
 
 def _matches(path: Path, specs: list[OutSpec], meta: dict[str, str]) -> bool:
@@ -546,6 +578,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each job (except naive) N times and report the fastest run (default 1): on a shared "
                          "machine the minimum is the least disturbed measurement")
+    ap.add_argument("--lokr", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"also merge a rank-{LOKR_RANK} LyCORIS LoKr (factor {LOKR_FACTOR}) on every attention/MLP "
+                         "module, --mod skip, against merge-skip (default on)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--generate-only", action="store_true", help="only generate (or check) the cached files")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -561,9 +596,12 @@ def main(argv=None) -> int:
 
     base = wd / f"svdq-int4_r{a.rank}-qwen-image-synth-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
     lora = wd / f"lora-diffusers-r{a.lora_rank}-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
+    lokr = wd / f"lokr-lycoris-r{LOKR_RANK}-f{LOKR_FACTOR}-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
     out = wd / "out.safetensors"
     t_base = generate(base, base_specs(a.blocks, a.rank), base_metadata(a.blocks, a.rank), base_tensor, a.seed, log)
     generate(lora, lora_specs(a.blocks, a.lora_rank), {"format": "pt"}, lora_tensor, a.seed + 1, log)
+    if a.lokr:
+        generate(lokr, lokr_specs(a.blocks, LOKR_RANK), {"format": "pt"}, lokr_tensor, a.seed + 2, log)
     base_size, lora_size = base.stat().st_size, lora.stat().st_size
     if a.generate_only:
         log(f"base {base} ({base_size / 1e9:.2f} GB), LoRA {lora} ({lora_size / 1e9:.2f} GB)")
@@ -609,6 +647,9 @@ def main(argv=None) -> int:
     if a.cp_nosync:
         jobs.append(("cp-nosync", ["cp", "--", str(base), str(out)], None))
     jobs.append(("merge-skip", merge + ["--mod", "skip"], None))
+    if a.lokr:
+        jobs.append(("merge-lokr", [sys.executable, "-m", "converter.cli", str(base), str(lokr), "-o", str(out), "-q",
+                                    "--json", "--device", a.device, "--mod", "skip"], None))
     if not a.skip_mod:
         jobs.append(("merge-mod", merge, None))
     results: list[Result] = []
@@ -664,6 +705,9 @@ def main(argv=None) -> int:
         if "merge-skip" in ok and cp:
             t = ok["merge-skip"].ratio
             print(f"\ntarget merge-skip <= 1.3x cp: {'met' if t <= 1.3 else 'MISSED'} ({t:.2f}x)")
+        if "merge-lokr" in ok and "merge-skip" in ok:
+            t = ok["merge-lokr"].wall_s / ok["merge-skip"].wall_s
+            print(f"target merge-lokr <= 1.3x merge-skip: {'met' if t <= 1.3 else 'MISSED'} ({t:.2f}x)")
         peak = max((r.peak_rss for r in results if r.job.startswith("merge") and r.status == "ok"), default=None)
         if peak:
             print(f"target merge peak RSS <= 1.5 GB: {'met' if peak <= 1.5e9 else 'MISSED'} ({peak / 1e9:.2f} GB)")
