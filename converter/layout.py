@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_RANK = 1024  # Nunchaku's kernel limit of a low-rank branch (Lora::MAX_RANK)
+
 # How the AWQ modulation layers take a LoRA (converter.modulation): the CLI's --mod choices.
 MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")
 

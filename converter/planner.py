@@ -14,12 +14,11 @@ from mappings import FAMILIES, FOREIGN_SIGNATURES
 from .adapters import Adapter
 from .errors import MergeError, ShapeMismatch, UnmappedKeys
 from .layers import LayerKind, kind_of
-from .layout import MODULATION_MODES, Layer, Layout, Segment
+from .layout import MAX_RANK, MODULATION_MODES, Layer, Layout, Segment
 from .lorafile import LoraFile, LoraModule
 from .model import Model
 from .naming import pattern
 
-MAX_RANK = 1024  # Nunchaku's kernel limit (Lora::MAX_RANK)
 SVD_RANK = 64  # default rank budget of W4A4 updates that are not low-rank (full diffs, DoRA)
 
 

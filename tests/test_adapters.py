@@ -258,7 +258,7 @@ def test_dot_format_and_qwen3_text_encoder_keys(tmp_path):
     ("lokr_missing", "needs lokr_w2"),
     ("dora_length", "DoRA magnitude of shape"),
     ("lokr_tucker", "Tucker core (lokr_t2)"),
-    ("loha_tucker", "Tucker core (hada_t1/hada_t2)"),
+    ("loha_tucker", "Tucker core (hada_t1)"),
     ("dora_alone", "no weight updates"),
 ])
 def test_bad_adapters_get_one_clear_line(qwen, tmp_path, case, message):

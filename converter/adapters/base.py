@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import MergeError
+from ..errors import MergeError, UnsupportedFormat
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,12 @@ class KeyPattern:
         return m.group("m"), part, m.groupdict().get("ad")
 
 
+def prefixed_parts(prefix: str, names: tuple[str, ...], style: str) -> tuple[tuple[KeyPattern, ...], frozenset[str]]:
+    """(key patterns, signature) of a type whose parts are named `prefix + name` (LyCORIS' lokr_*, hada_*)."""
+    pat = KeyPattern(prefix + "(?P<p>" + "|".join(names) + ")", None, style, tuple((n, prefix + n) for n in names))
+    return (pat,), frozenset(prefix + n for n in names)
+
+
 ALPHA = KeyPattern(r"(?:alpha|lora_alpha)", "alpha", "alpha")
 
 
@@ -57,7 +63,7 @@ class Adapter:
     title: ClassVar[str]
     key_patterns: ClassVar[tuple[KeyPattern, ...]] = ()
     signature: ClassVar[frozenset[str]] = frozenset()  # any of these parts marks a module as this type
-    parts: ClassVar[frozenset[str]] = frozenset()  # every part the type takes (signature, alpha, ...)
+    parts: ClassVar[frozenset[str]]  # every part the type takes (default: the signature and alpha)
     order: ClassVar[int] = 100
     applies_to: ClassVar[str] = "weight"  # or "bias"
     wraps: ClassVar[bool] = False  # modifies the module's weight update (DoRA), attached with `wrap`
@@ -67,6 +73,8 @@ class Adapter:
 
     def __init_subclass__(cls, name: str = "", **kw):
         super().__init_subclass__(**kw)
+        if "parts" not in cls.__dict__:  # by default a type takes its own parts and the module's alpha
+            cls.parts = cls.signature | {"alpha"}
         if name:
             if name in ADAPTERS:
                 raise RuntimeError(f"adapter {name!r} registered twice")
@@ -134,6 +142,13 @@ class Adapter:
         return self.lf.ckpt.scalar(key)
 
     uses_lora_alpha: ClassVar[bool] = True  # PEFT names a LoRA's alpha `lora_alpha`, LoKr's / LoHa's `alpha`
+
+    def refuse_tucker(self, *parts: str) -> None:
+        """LyCORIS writes Tucker cores only for convolutions: refuse them on a linear layer."""
+        found = [p for p in parts if p in self.keys]
+        if found:
+            raise UnsupportedFormat(f"{self.lf.name}: module {self.module} has a Tucker core ({'/'.join(found)}), "
+                                    "which LyCORIS only makes for convolutions; this layer is linear")
 
     def fail(self, what: str) -> MergeError:
         return MergeError(f"{self.lf.name}: module {self.module} {what}")

@@ -24,7 +24,7 @@ class Dora(Adapter, name="dora"):
     key_patterns = (KeyPattern(r"dora_scale", "dora_scale", "dora"),
                     KeyPattern(r"lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?", "magnitude_vector", "dora"))
     signature = parts = frozenset({"dora_scale", "magnitude_vector"})
-    order = 90  # after the weight update it wraps
+    order = 200  # after the weight update it wraps
     needs_base = True
     wraps = True
     inner: Adapter

@@ -9,8 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedFormat
-from .base import Adapter, KeyPattern, lycoris_scale
+from .base import Adapter, lycoris_scale, prefixed_parts
 
 if TYPE_CHECKING:
     import torch
@@ -22,16 +21,10 @@ _PARTS = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
 
 class Loha(Adapter, name="loha"):
     title = "LoHa"
-    key_patterns = (KeyPattern(r"hada_(?P<p>w1_a|w1_b|w2_a|w2_b|t1|t2)", None, "loha",
-                               tuple((p, "hada_" + p) for p in _PARTS)),)
-    signature = frozenset("hada_" + p for p in _PARTS)
-    parts = signature | {"alpha"}
-    order = 30
+    key_patterns, signature = prefixed_parts("hada_", _PARTS, "loha")
 
     def validate(self) -> None:
-        if "hada_t1" in self.keys or "hada_t2" in self.keys:
-            raise UnsupportedFormat(f"{self.lf.name}: module {self.module} has a Tucker core (hada_t1/hada_t2), "
-                                    "which LyCORIS only makes for convolutions; this layer is linear")
+        self.refuse_tucker("hada_t1", "hada_t2")
         missing = [p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if p not in self.keys]
         if missing:
             raise self.fail(f"has no {', '.join(missing)} tensor")
@@ -42,12 +35,12 @@ class Loha(Adapter, name="loha"):
             raise self.fail(f"has inconsistent factor shapes {s}")
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.part_shape("hada_w1_a")[0], self.part_shape("hada_w1_b")[1]
-
-    @property
     def rank(self) -> int:
         return self.part_shape("hada_w1_b")[0] * self.part_shape("hada_w2_b")[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.part_shape("hada_w1_a")[0], self.part_shape("hada_w1_b")[1]
 
     @cached_property
     def scale(self) -> float:

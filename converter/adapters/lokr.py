@@ -12,8 +12,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedFormat
-from .base import Adapter, KeyPattern, lycoris_scale
+from .base import Adapter, lycoris_scale, prefixed_parts
 
 if TYPE_CHECKING:
     import torch
@@ -25,16 +24,10 @@ _PARTS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
 
 class Lokr(Adapter, name="lokr"):
     title = "LoKr"
-    key_patterns = (KeyPattern(r"lokr_(?P<p>w1|w1_a|w1_b|w2|w2_a|w2_b|t2)", None, "lokr",
-                               tuple((p, "lokr_" + p) for p in _PARTS)),)
-    signature = frozenset("lokr_" + p for p in _PARTS)
-    parts = signature | {"alpha"}
-    order = 30
+    key_patterns, signature = prefixed_parts("lokr_", _PARTS, "lokr")
 
     def validate(self) -> None:
-        if "lokr_t2" in self.keys:
-            raise UnsupportedFormat(f"{self.lf.name}: module {self.module} has a Tucker core (lokr_t2), which LyCORIS "
-                                    "only makes for convolutions; this layer is linear")
+        self.refuse_tucker("lokr_t2")
         for i in ("1", "2"):
             full, a, b = (f"lokr_w{i}{s}" in self.keys for s in ("", "_a", "_b"))
             if full == (a or b) or a != b:

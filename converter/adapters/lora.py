@@ -28,7 +28,6 @@ class Lora(Adapter, name="lora"):
         KeyPattern(r"lora_linear_layer\.(?P<p>down|up)\.weight", None, "down/up", _AB),
     )
     signature = frozenset({"A", "B"})
-    parts = frozenset({"A", "B", "alpha"})
     order = 50
 
     def validate(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..layout import Layout
+from ..layout import MAX_RANK, Layout
 from .base import LayerKind
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     def max_exact_rank(cls, layer: Layer, base_rank: int) -> int:
         """A factorization of rank at least half the layer's smaller side saves nothing over the dense ΔW (and
         one above the kernel's limit cannot load): such updates go in by truncated SVD, like a full diff."""
-        from ..planner import MAX_RANK
-
         return min(MAX_RANK - base_rank, min(layer.in_features, layer.out_features) // 2)
 
     @classmethod
