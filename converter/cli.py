@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import click
@@ -61,8 +63,40 @@ class Progress:
                 click.echo(msg, err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) while working: unwound like Ctrl-C, so that no partial output is left."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def signals_unwind():
+    """SIGTERM and SIGHUP raise Terminated in the main thread for the duration (batch schedulers and `timeout`
+    send SIGTERM): the cleanup that Ctrl-C gets, then exit 128 + the signal's number."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    saved = {}
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                saved[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def fail(e: BaseException, debug: bool) -> None:
-    if isinstance(e, MergeError):
+    if isinstance(e, Terminated):
+        click.echo(f"error: terminated by {signal.Signals(e.signum).name}; nothing was written", err=True)
+        code = 128 + e.signum
+    elif isinstance(e, MergeError):
         click.echo(f"error: {e}", err=True)
         code = e.exit_code
     elif isinstance(e, KeyboardInterrupt):
@@ -239,9 +273,10 @@ def check_output(base: str, plan, output: str | None, loras: list[str], *, dry_r
     if w:
         rep["warnings"].append(w)
     if same_file(out, base):
-        raise MergeError("the output path is the base checkpoint; refusing to write over an input")
-    if os.path.exists(out) and any(same_file(out, p) for p in lora_paths):
-        raise MergeError("the output path is one of the LoRA files; refusing to write over an input")
+        raise MergeError(f"the output {out} is the base checkpoint {base}; refusing to write over an input")
+    for p in lora_paths:
+        if os.path.exists(out) and same_file(out, p):
+            raise MergeError(f"the output {out} is the LoRA {p}; refusing to write over an input")
     if os.path.abspath(out) in {os.path.abspath(t) for t in taken}:
         raise MergeError(f"two outputs of this run are both {out}")
     if not dry_run:
@@ -274,38 +309,43 @@ def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs:
         except BaseException:
             s.close_loras()
             raise
-        jobs.append(Job(s, out))
+        jobs.append(Job(s, out, replace=rs.overwrite))
         reports.append(rep)
     return reports
 
 
 def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings) -> None:
     """Plan every (output, loras) entry against one base, then stream the base once for all of them."""
-    from .pipeline import Options, execute_many
-    from .report import summarize_layers
-    from .st_reader import Checkpoint
-
     if not rs.dry_run:
         preload_torch()
     try:
-        check_device(rs.device)
-        opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
-                       svd_rank=rs.svd_rank,
-                       progress=Progress(not rs.quiet))
-        with Checkpoint(base) as ckpt:
-            jobs: list = []
-            try:
-                reports = _plan_jobs(ckpt, base, entries, rs, opts, jobs)
-                if not rs.dry_run:
-                    for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
-                        rep |= res | {"layers": j.session.records, "layers_summary": summarize_layers(j.session.records)}
-            finally:
-                for j in jobs:
-                    j.session.close_loras()
+        with signals_unwind():
+            reports = _run(base, entries, rs)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
         fail(e, rs.debug)
         return
     print_reports(reports, rs)
+
+
+def _run(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings) -> list[dict]:
+    from .pipeline import Options, execute_many
+    from .report import summarize_layers
+    from .st_reader import Checkpoint
+
+    check_device(rs.device)
+    opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
+                   svd_rank=rs.svd_rank, progress=Progress(not rs.quiet))
+    with Checkpoint(base) as ckpt:
+        jobs: list = []
+        try:
+            reports = _plan_jobs(ckpt, base, entries, rs, opts, jobs)
+            if not rs.dry_run:
+                for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
+                    rep |= res | {"layers": j.session.records, "layers_summary": summarize_layers(j.session.records)}
+        finally:
+            for j in jobs:
+                j.session.close_loras()
+    return reports
 
 
 def print_reports(reports: list[dict], rs: RunSettings) -> None:
@@ -333,7 +373,7 @@ def read_batch_file(path: str) -> list[tuple[str | None, list[str]]]:
             data = tomllib.loads(raw.decode())
         else:
             data = json.loads(raw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise MergeError(f"cannot read batch file {path}: {e}") from None
     root = os.path.dirname(os.path.abspath(path))
     rel = lambda p: p if os.path.isabs(p) else os.path.join(root, p)
@@ -349,11 +389,16 @@ def read_batch_file(path: str) -> list[tuple[str | None, list[str]]]:
             if isinstance(l, str):
                 p, sep, st = l.rpartition(":")
                 specs.append(rel(l) if not sep or not _is_number(st) else f"{rel(p)}:{st}")
-            elif isinstance(l, dict) and "path" in l:
-                specs.append(f"{rel(l['path'])}:{float(l.get('strength', 1.0))}")
+            elif isinstance(l, dict) and isinstance(l.get("path"), str):
+                strength = l.get("strength", 1.0)
+                if not _is_number(str(strength)) or isinstance(strength, bool):
+                    raise MergeError(f"{path}: outputs[{i}] gives {l['path']} the strength {strength!r}, not a number")
+                specs.append(f"{rel(l['path'])}:{float(strength)}")
             else:
                 raise MergeError(f"{path}: outputs[{i}] has a bad LoRA entry {l!r}")
         out = e.get("output")
+        if out is not None and not isinstance(out, str):
+            raise MergeError(f"{path}: outputs[{i}] has an output {out!r} that is not a path")
         entries.append((rel(out) if out else None, specs))
     return entries
 

@@ -194,12 +194,13 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def peft_config(meta: dict[str, str]) -> PeftConfig | None:
-    """The first adapter config found in `lora_adapter_metadata` (it may be nested, e.g. under "transformer")."""
+def peft_config(meta: dict[str, str], name: str) -> PeftConfig | None:
+    """The first adapter config found in `lora_adapter_metadata` (it may be nested, e.g. under "transformer").
+    A broken one is refused: its alpha may be what scales the whole file."""
     try:
         stack = [json.loads(meta.get("lora_adapter_metadata") or "null")]
-    except json.JSONDecodeError:
-        return None
+    except (json.JSONDecodeError, RecursionError):
+        raise MergeError(f"{name}: its metadata lora_adapter_metadata is not valid JSON (or nests too deep)") from None
     while stack:
         d = stack.pop(0)
         if not isinstance(d, dict):
@@ -281,7 +282,7 @@ def open_lora(spec: str) -> LoraFile:
         if len(peft_names) > 1:
             raise UnsupportedFormat(f"{lf.name}: holds several PEFT adapters ({', '.join(sorted(peft_names))}); "
                                     "save one adapter per file")
-        lf.peft = peft_config(lf.ckpt.metadata)
+        lf.peft = peft_config(lf.ckpt.metadata, lf.name)
         types: Counter = Counter()
         for mod in lf.modules.values():
             mod.adapters, mod.leftover = adapters.claim(lf, mod.name, mod.keys)

@@ -131,6 +131,7 @@ class Job:
 
     session: Session
     out_path: str
+    replace: bool = True  # False: the output did not exist at the start, and must not be replaced if it appears
 
 
 class _Output:
@@ -221,8 +222,10 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
                 o.take(name, base, compute)
         for o in outs:
             o.finish()
+        for ck in [base] + [lf.ckpt for j in jobs for lf in j.session.loras]:
+            ck.check_unchanged()  # what was read must be what is vouched for (and hashed)
         for o in outs:
-            o.writer.publish()
+            o.writer.publish(replace=o.job.replace)
     except BaseException:
         for o in outs:
             if o.writer is not None:

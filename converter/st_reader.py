@@ -23,6 +23,55 @@ if TYPE_CHECKING:
 MAX_HEADER = 100 << 20
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells that a file changed under us: device, inode, size, modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(dup)
+    return d
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _read_header(f: BinaryIO, size: int, bad: str) -> dict:
+    """The JSON header of an open safetensors file, checked: its length, UTF-8, JSON, no key twice, an object."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise MergeError(f"{bad} (too short)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER:
+        raise MergeError(f"{bad} (its header of {n} bytes exceeds the {MAX_HEADER >> 20} MB limit)")
+    if 8 + n > size:
+        raise MergeError(f"{bad} (its header length {n} runs past the end of the file; truncated?)")
+    try:
+        text = f.read(n).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{bad} (its header is not UTF-8 text: byte {e.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise MergeError(f"{bad} (its header names {e.args[0]!r} twice: a duplicate JSON key)") from None
+    except RecursionError:
+        raise MergeError(f"{bad} (its header JSON nests too deep)") from None
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{bad} (its header is not JSON: {e.msg} at byte {e.pos})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{bad} (its header is not a JSON object)")
+    return header
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -56,40 +105,44 @@ class Checkpoint:
             raise
 
     def _parse(self) -> None:
-        size = os.fstat(self._f.fileno()).st_size
-        head = self._f.read(8)
+        st = os.fstat(self._f.fileno())
+        self.identity = _identity(st)
+        size = st.st_size
         bad = f"{self.path} is not a safetensors file"
-        if len(head) < 8:
-            raise MergeError(f"{bad} (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise MergeError(f"{bad} (bad header length)")
-        try:
-            header = json.loads(self._f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise MergeError(f"{bad} (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise MergeError(f"{bad} (header is not an object)")
+        header = _read_header(self._f, size, bad)
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise MergeError(f"{bad} (metadata must map strings to strings)")
         self.metadata: dict[str, str] = dict(meta)
-        self.data_start = 8 + n
+        self.data_start = self._f.tell()
         infos = [self._entry(name, d, size, bad) for name, d in header.items()]
-        infos.sort(key=lambda t: t.start)
+        infos.sort(key=lambda t: (t.start, t.nbytes))
+        reach: TensorInfo | None = None  # the tensor that ends furthest so far
+        for cur in (t for t in infos if t.nbytes):
+            if reach is not None and cur.start < reach.start + reach.nbytes:
+                raise MergeError(f"{bad} (tensors {reach.name!r} and {cur.name!r} overlap: their data_offsets "
+                                 "share bytes)")
+            reach = cur
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in infos}
         self.file_size = size
 
     def _entry(self, name: str, d, size: int, bad: str) -> TensorInfo:
         try:
-            dtype, shape, (a, b) = d["dtype"], tuple(int(x) for x in d["shape"]), d["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{bad} (bad entry for {name!r})") from None
-        if dtype not in dtypes.SIZES:
-            raise MergeError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-        if b - a != math.prod(shape) * dtypes.SIZES[dtype] or self.data_start + b > size or a < 0:
+            dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
+        except (KeyError, TypeError):
+            raise MergeError(f"{bad} (bad entry for {name!r}: it needs dtype, shape and data_offsets)") from None
+        if not isinstance(dtype, str) or dtype not in dtypes.SIZES:
+            raise MergeError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(x) for x in shape):
+            raise MergeError(f"{bad} (bad entry for {name!r}: shape {shape!r} is not a list of integers)")
+        if any(x < 0 for x in shape):
+            raise MergeError(f"{bad} (tensor {name!r} has a negative dimension in its shape {shape})")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets):
+            raise MergeError(f"{bad} (bad entry for {name!r}: data_offsets {offsets!r} are not two integers)")
+        a, b = offsets
+        if a < 0 or b - a != math.prod(shape) * dtypes.SIZES[dtype] or self.data_start + b > size:
             raise MergeError(f"{bad} (tensor {name!r} has inconsistent offsets; truncated file?)")
-        return TensorInfo(name, dtype, shape, self.data_start + a, b - a)
+        return TensorInfo(name, dtype, tuple(shape), self.data_start + a, b - a)
 
     # -- reading -------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -134,6 +187,17 @@ class Checkpoint:
 
     def fileno(self) -> int:
         return self._f.fileno()
+
+    def check_unchanged(self) -> None:
+        """Refuse if the file changed since it was opened (size, modification time, or replaced by another):
+        what was read of it may then mix old and new bytes."""
+        try:
+            now = _identity(os.stat(self.path)), _identity(os.fstat(self._f.fileno()))
+        except OSError as e:
+            raise MergeError(f"{self.path} vanished while it was read ({e.strerror}); nothing was written") from None
+        if any(ident != self.identity for ident in now):
+            raise MergeError(f"{self.path} changed while it was read (its size or modification time differs); "
+                             "nothing was written")
 
     def close(self) -> None:
         self._f.close()

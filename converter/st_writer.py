@@ -224,6 +224,50 @@ def _open_direct(path: str) -> int:
         return -1
 
 
+def write_error(path: str, e: OSError) -> MergeError:
+    """An OSError of the output's I/O as one line naming the output and the cause."""
+    hint = {errno.EFBIG: " (the file-size limit, ulimit -f, was reached)", errno.ENOSPC: " (the disk is full)",
+            errno.EDQUOT: " (the disk quota is full)"}.get(e.errno, "")
+    return MergeError(f"cannot write {path}: {e.strerror or e}{hint}; nothing was written")
+
+
+def temp_prefix(path: str) -> str:
+    """Temp files of `path` are `.<name>.<pid>.<random>.partial` in its folder: hidden, and telling whose."""
+    return "." + os.path.basename(path) + "."
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Remove temp files of `path` left by processes that no longer run (a merge killed with SIGKILL, a power
+    cut): nothing else can. Best effort; a live process's temp file is never touched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix, removed = temp_prefix(path), []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(".partial") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no signal-0 probe (os.kill would terminate the process on Windows): leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or no way to tell: leave its file alone
+    return True
+
+
 def header_bytes(specs: list[OutSpec], metadata: dict[str, str]) -> bytes:
     """The JSON header of a file holding `specs` in this order, padded to 8 bytes."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
@@ -256,9 +300,14 @@ class StreamingWriter:
             pos += sp.nbytes
         self.total = pos
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=folder)
+        remove_stale_temps(self.path)
+        try:
+            fd, self.tmp_path = tempfile.mkstemp(prefix=temp_prefix(self.path) + f"{os.getpid()}.", suffix=".partial",
+                                                 dir=folder)
+            os.chmod(self.tmp_path, _FILE_MODE)  # mkstemp makes 0600; the merged file is an ordinary, shareable one
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self._fd = fd
-        os.chmod(self.tmp_path, _FILE_MODE)  # mkstemp makes 0600; the merged file is an ordinary, shareable one
         self._direct_fd = _open_direct(self.tmp_path) if direct else -1
         self._stager: _DirectStager | None = None
         try:
@@ -268,10 +317,10 @@ class StreamingWriter:
                 self._stager.add_bytes(head)
             else:
                 _pwrite_all(fd, head, 0)
-        except BaseException:
+        except BaseException as e:
             self._close_fds()
             os.unlink(self.tmp_path)
-            raise
+            raise write_error(self.path, e) if isinstance(e, OSError) else e
         self._start_io()
 
     @property
@@ -286,7 +335,7 @@ class StreamingWriter:
         raw = header_bytes(self.specs, metadata)
         if len(raw) != self._header_len:
             raise RuntimeError("patched metadata changes the header length")
-        _pwrite_all(self._fd, raw, 8)  # through the page cache, after every direct write has completed
+        self._os(_pwrite_all, self._fd, raw, 8)  # through the page cache, after every direct write has completed
 
     def _expect(self, name: str, nbytes: int) -> int:
         """Check the next declared tensor; returns its file offset."""
@@ -340,7 +389,7 @@ class StreamingWriter:
                         with self._room:
                             self._progress(req.nbytes)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                self._error = self._error or e
+                self._error = self._error or (write_error(self.path, e) if isinstance(e, OSError) else e)
             finally:
                 with self._room:
                     self._queued -= req.held
@@ -367,9 +416,10 @@ class StreamingWriter:
                 t.join()
             if self._stager is not None:
                 self._stager.close()
-                self._error = self._error or self._stager.error
+                err = self._stager.error
+                self._error = self._error or (write_error(self.path, err) if isinstance(err, OSError) else err)
                 if self._error is None:
-                    os.ftruncate(self._fd, self.total)  # the last direct block was padded
+                    self._os(os.ftruncate, self._fd, self.total)  # the last direct block was padded
         if self._error is not None:
             raise self._error
 
@@ -391,14 +441,24 @@ class StreamingWriter:
         self._drain()
         if self._next != len(self.specs):
             raise RuntimeError(f"writer: only {self._next} of {len(self.specs)} tensors written")
-        os.fsync(self._fd)
+        self._os(os.fsync, self._fd)
         self._close_fds()
         if check is not None:
             check(self.tmp_path)
 
-    def publish(self) -> None:
-        """Rename the finished temp file into place (atomic) and make the rename durable."""
-        os.replace(self.tmp_path, self.path)
+    def _os(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+
+    def publish(self, replace: bool = True) -> None:
+        """Move the finished temp file into place, atomically, and make it durable. replace=False: only if the
+        path is still free (another process may have created it since the start): a hard link fails if it exists."""
+        if replace:
+            self._os(os.replace, self.tmp_path, self.path)
+        else:
+            self._link_into_place()
         try:
             dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:
@@ -407,6 +467,20 @@ class StreamingWriter:
                 os.close(dfd)
         except OSError:
             pass
+
+    def _link_into_place(self) -> None:
+        try:
+            os.link(self.tmp_path, self.path)
+        except FileExistsError:
+            raise MergeError(f"{self.path} appeared while this merge was running (another merge?); it was left as "
+                             "it is and nothing was written") from None
+        except OSError:  # no hard links on this filesystem: check, then rename (a window, but a small one)
+            if os.path.lexists(self.path):
+                raise MergeError(f"{self.path} appeared while this merge was running (another merge?); "
+                                 "nothing was written") from None
+            self._os(os.replace, self.tmp_path, self.path)
+            return
+        os.unlink(self.tmp_path)
 
     def commit(self, check: Callable[[str], None] | None = None) -> None:
         try:

@@ -143,6 +143,12 @@ class Adapter:
 
     uses_lora_alpha: ClassVar[bool] = True  # PEFT names a LoRA's alpha `lora_alpha`, LoKr's / LoHa's `alpha`
 
+    def refuse_empty(self) -> None:
+        """A factor with a zero dimension (rank 0) is an update that does nothing: a malformed file."""
+        empty = sorted(p for p in self.keys if p != "alpha" and 0 in self.part_shape(p))
+        if empty:
+            raise self.fail(f"has empty factors {empty} (rank 0)")
+
     def refuse_tucker(self, *parts: str) -> None:
         """LyCORIS writes Tucker cores only for convolutions: refuse them on a linear layer."""
         found = [p for p in parts if p in self.keys]

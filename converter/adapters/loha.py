@@ -24,6 +24,7 @@ class Loha(Adapter, name="loha"):
     key_patterns, signature = prefixed_parts("hada_", _PARTS, "loha")
 
     def validate(self) -> None:
+        self.refuse_empty()
         self.refuse_tucker("hada_t1", "hada_t2")
         missing = [p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if p not in self.keys]
         if missing:

@@ -27,6 +27,7 @@ class Lokr(Adapter, name="lokr"):
     key_patterns, signature = prefixed_parts("lokr_", _PARTS, "lokr")
 
     def validate(self) -> None:
+        self.refuse_empty()
         self.refuse_tucker("lokr_t2")
         for i in ("1", "2"):
             full, a, b = (f"lokr_w{i}{s}" in self.keys for s in ("", "_a", "_b"))

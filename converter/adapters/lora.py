@@ -39,6 +39,8 @@ class Lora(Adapter, name="lora"):
                                     "(convolution LoRAs are not supported)")
         if a[0] != b[1]:
             raise self.fail(f"has lora_A rank {a[0]} but lora_B rank {b[1]}")
+        if a[0] == 0:
+            raise self.fail("has rank 0 (empty lora_A / lora_B): an update that does nothing")
 
     @property
     def shape(self) -> tuple[int, int]:
