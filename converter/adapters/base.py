@@ -139,7 +139,10 @@ class Adapter:
             return self.lf.peft.alpha_for(self.module, lora=self.uses_lora_alpha) if self.lf.peft else None
         if math.prod(self.lf.ckpt.tensors[key].shape) != 1:
             raise MergeError(f"{self.lf.name}: alpha {key} is not a scalar")
-        return self.lf.ckpt.scalar(key)
+        value = self.lf.ckpt.scalar(key)
+        if not math.isfinite(value):
+            raise MergeError(f"{self.lf.name}: alpha {key} is {value}, not a finite number")
+        return value
 
     uses_lora_alpha: ClassVar[bool] = True  # PEFT names a LoRA's alpha `lora_alpha`, LoKr's / LoHa's `alpha`
 
@@ -167,10 +170,10 @@ def lycoris_scale(a: Adapter, r: int | None, peft_rank: int | None) -> float:
     if "alpha" not in a.keys and a.lf.peft is not None and a.lf.peft.alpha is not None:
         rank = a.lf.peft.rank_for(a.module) or peft_rank
         return a.lf.peft.alpha_for(a.module, lora=False) / rank if rank else 1.0
-    alpha = a.alpha() if "alpha" in a.keys else None
-    if r is None or not alpha:
+    if r is None:  # no low-rank factor: whatever alpha says (ai-toolkit: 9999999999, inf in fp16)
         return 1.0
-    return alpha / r
+    alpha = a.alpha() if "alpha" in a.keys else None
+    return alpha / r if alpha else 1.0
 
 
 def key_patterns() -> list[tuple[KeyPattern, type[Adapter] | None]]:
