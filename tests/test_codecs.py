@@ -141,3 +141,104 @@ def test_dense_record_figures():
     tiny = torch.full((2, 2), 1e-3)  # below bf16's resolution at these magnitudes: nothing can be stored
     rec = dense_record(w, (w.float() + tiny).to(torch.bfloat16), tiny)
     assert rec["rel_error"] == pytest.approx(1.0) and rec["rounding_floor"] == pytest.approx(1.0)
+
+
+# -- row splits and row permutations in packed space (the diffusers export), against the packers of the parts -----
+SPLITS = [(384, 256, (0, 128, 256, 384)), (768, 512, (0, 256, 512, 768)), (1024, 384, (0, 512, 1024))]
+
+
+@pytest.mark.parametrize("o,i,cuts", SPLITS)
+@pytest.mark.parametrize("nvfp4", [False, True])
+def test_qweight_rows_is_packing_of_the_rows(o, i, cuts, nvfp4):
+    from converter.codecs.svdq_weight import qweight_rows
+
+    g = torch.Generator().manual_seed(o + i + nvfp4)
+    q = torch.randint(0, 16, (o, i), generator=g, dtype=torch.int32) - (0 if nvfp4 else 8)
+    packed = PACKER.pack_weight(q.clone())
+    for a, b in zip(cuts, cuts[1:]):
+        _same(qweight_rows(packed, a, b), PACKER.pack_weight(q[a:b].clone()))
+
+
+@pytest.mark.parametrize("o,i,cuts", SPLITS)
+@pytest.mark.parametrize("gs", [64, 16])
+def test_wscales_rows_is_packing_of_the_rows(o, i, cuts, gs):
+    from converter.codecs.svdq_scales import wscales_rows
+
+    ng = i // gs
+    s = (torch.rand(o, ng) * (400 if gs == 16 else 4) + 0.01).to(torch.bfloat16)
+    packed = PACKER.pack_scale(s.view(o, 1, ng, 1).clone(), group_size=gs)  # fp8 for gs 16 (nvfp4)
+    for a, b in zip(cuts, cuts[1:]):
+        want = PACKER.pack_scale(s[a:b].contiguous().view(b - a, 1, ng, 1), group_size=gs)
+        _same(wscales_rows(packed, a, b), want)
+        assert not torch.equal(packed[:, a:b].contiguous().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("o,i,cuts", SPLITS)
+def test_vector_and_up_rows_are_packing_of_the_rows(o, i, cuts):
+    from converter.codecs.lowrank import up_rows
+    from converter.codecs.svdq_scales import vector_rows
+
+    v = torch.randn(o).to(torch.bfloat16)
+    up = torch.randn(o, 32).to(torch.bfloat16)
+    pv = PACKER.pack_scale(v.view(-1, 1).clone(), group_size=-1).view(-1)
+    pu = PACKER.pack_lowrank_weight(up.clone(), down=False)
+    for a, b in zip(cuts, cuts[1:]):
+        _same(vector_rows(pv, a, b), PACKER.pack_scale(v[a:b].view(-1, 1).clone(), group_size=-1).view(-1))
+        _same(up_rows(pu, a, b), PACKER.pack_lowrank_weight(up[a:b].clone(), down=False))
+
+
+def test_row_ranges_off_the_tiles_are_refused():
+    from converter.codecs.lowrank import up_rows
+    from converter.codecs.svdq_scales import vector_rows, wscales_rows
+    from converter.codecs.svdq_weight import qweight_rows
+
+    with pytest.raises(CodecError):
+        qweight_rows(torch.zeros(256, 64, dtype=torch.int8), 0, 64)
+    with pytest.raises(CodecError):
+        wscales_rows(torch.zeros(2, 256, dtype=torch.bfloat16), 128, 320)
+    with pytest.raises(CodecError):
+        vector_rows(torch.zeros(256), 64, 256)
+    with pytest.raises(CodecError):
+        up_rows(torch.zeros(256, 16), 8, 24)
+
+
+@pytest.mark.parametrize("o,i", [(6 * 128, 256), (6 * 256, 512)])
+def test_awq_row_permutation_is_packing_of_the_permuted_codes(o, i):
+    from converter.codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
+
+    q = torch.randint(0, 16, (o, i), dtype=torch.int32)
+    perm = torch.randperm(o)
+    packed = pack_w4(q.clone()).view(torch.int32)
+    _same(permute_qweight_rows(packed, perm), pack_w4(q[perm].clone()).view(torch.int32))
+    _same(permute_qweight_rows(packed, perm), AwqQWeight.pack(AwqQWeight.unpack(packed)[perm]))
+    p = torch.randn(i // 64, o).to(torch.bfloat16)
+    _same(permute_group_params(p, perm), p.t()[perm].t().contiguous())
+
+
+def test_awq_deinterleave_equals_deepcompressor_without_splits():
+    """deepcompressor's W4A16 converter with adanorm_splits=6 (Nunchaku's interleaved modulation rows, +1 folded
+    into the two scale chunks) and with adanorm_splits=1 (diffusers' chunk order) on the same weight: the row
+    permutation maps the first onto the second bit for bit, and the bias differs by exactly the folded +1."""
+    from deepcompressor.backend.nunchaku.utils import convert_to_nunchaku_w4x16_linear_weight
+
+    from converter.codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
+    from mappings.qwen_image import ModulationInterleave
+
+    d, i = 128, 256
+    w = (torch.randn(6 * d, i) * 0.05).to(torch.bfloat16)
+    b = (torch.randn(6 * d) * 0.02).to(torch.bfloat16)
+    scale = (w.float().view(6 * d, 1, i // 64, 64).abs().amax(-1, keepdim=True) / 7).clamp_min(1e-6).to(torch.bfloat16)
+    inter = convert_to_nunchaku_w4x16_linear_weight(w.clone(), scale.clone(), bias=b.clone(), adanorm_splits=6)
+    plain = convert_to_nunchaku_w4x16_linear_weight(w.clone(), scale.clone(), bias=b.clone(), adanorm_splits=1)
+    perm = ModulationInterleave().to_lora(torch.arange(6 * d))
+    _same(permute_qweight_rows(inter[0], perm), plain[0])
+    _same(permute_group_params(inter[1], perm), plain[1])
+    _same(permute_group_params(inter[2], perm), plain[2])
+    unfolded = inter[3][perm].float()
+    unfolded[d:2 * d] -= 1
+    unfolded[4 * d:5 * d] -= 1
+    assert (unfolded - plain[3].float()).abs().max() <= 2.0 ** -8  # b, up to the rounding of bf16(b + 1)
+    folded_back = unfolded.to(torch.bfloat16).float()
+    folded_back[d:2 * d] += 1
+    folded_back[4 * d:5 * d] += 1
+    _same(folded_back.to(torch.bfloat16), inter[3][perm])

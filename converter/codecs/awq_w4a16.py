@@ -79,3 +79,29 @@ class AwqW4A16Layer(LayerCodec, layout=Layout.AWQ_W4A16):
 def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor) -> torch.Tensor:
     """Packed AWQ tensors -> fp32 W (O, I)."""
     return AwqW4A16Layer.dequantize({"qweight": qweight, "wscales": wscales, "wzeros": wzeros})
+
+
+# -- output-row permutations in packed space (the diffusers export de-interleaves Qwen's modulation rows) ----------
+def _per_channel(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 (O/4, I/2) -> (O, I/64, 8): each output channel's eight int32 words per group of 64 inputs. In the
+    int32 view the word (n4, c64*32 + r*8 + w) belongs to channel n = 4*n4 + r (the int16 layout above)."""
+    o4, half = qweight.shape
+    return qweight.reshape(o4, half // 32, 4, 8).permute(0, 2, 1, 3).reshape(o4 * 4, half // 32, 8)
+
+
+def permute_qweight_rows(qweight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Packed qweight of the layer whose output row i is row perm[i] of this one: whole 32-byte words move, no
+    nibble is unpacked."""
+    require(qweight.dtype == torch.int32 and qweight.ndim == 2 and qweight.shape[1] % 32 == 0,
+            "AWQ qweight must be a 2-D int32 tensor of whole 64-input groups")
+    o4, half = qweight.shape
+    require(perm.shape == (o4 * 4,), f"permutation of {tuple(perm.shape)} rows for an AWQ layer of {o4 * 4}")
+    pc = _per_channel(qweight.contiguous())[perm.long()]
+    return pc.reshape(o4, 4, half // 32, 8).permute(0, 2, 1, 3).reshape(o4, half).contiguous()
+
+
+def permute_group_params(p: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Stored wscales / wzeros (I/64, O) of the row-permuted layer: one column per output row."""
+    require(p.ndim == 2 and perm.shape == (p.shape[1],),
+            f"permutation of {tuple(perm.shape)} rows for group params {tuple(p.shape)}")
+    return p[:, perm.long()].contiguous()

@@ -100,3 +100,12 @@ def append_packed(packed: torch.Tensor, extra: torch.Tensor | None, down: bool, 
             (LowRankDown if down else LowRankUp)._tiled(extra)
     ov[:, (r0 + r) // 16:] = 0
     return out
+
+
+def up_rows(packed_up: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output channels [start, stop) of a packed proj_up (O, R): channel tiles of 16 are outermost, so whole
+    tiles are a plain row slice. (proj_down is per input channel: a row split shares it unchanged.)"""
+    from .svdq_scales import check_rows
+
+    check_rows(packed_up.shape[0], start, stop, 16, "proj_up")
+    return packed_up[start:stop].contiguous()

@@ -64,3 +64,26 @@ class WScalesNvfp4(Codec, name="svdq_wscales_nvfp4"):
         b = p.contiguous().view(torch.uint8)
         b = b.reshape(o // 128, ng // 4, 8, 4, 4, 4).permute(0, 4, 3, 2, 1, 5).reshape(o, ng)
         return b.contiguous().view(p.dtype)
+
+
+# -- output-row ranges in packed space (the diffusers export splits fused layers) ---------------------------------
+def check_rows(n: int, start: int, stop: int, unit: int, what: str) -> None:
+    """Rows [start, stop) of an n-row packed tensor can be cut without unpacking only at multiples of its tile."""
+    require(0 <= start < stop <= n and start % unit == 0 and stop % unit == 0,
+            f"{what}: rows {start}:{stop} of {n} are not whole {unit}-row tiles")
+
+
+def vector_rows(v: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Entries [start, stop) of a per-output-channel vector in pack_scale order (bias, wcscales): the order
+    permutes within blocks of 128 only, so whole blocks slice directly."""
+    check_rows(v.shape[0], start, stop, 128, "packed vector")
+    return v[start:stop].contiguous()
+
+
+def wscales_rows(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output channels [start, stop) of packed wscales (int4 (I/64, O) or nvfp4 (I/16, O)). Both layouts keep
+    the 128-channel tile outermost in memory ([O/128][group...][128]), so the rows are one flat stretch; the
+    2-D column slice p[:, start:stop] would NOT be them."""
+    ng, o = p.shape
+    check_rows(o, start, stop, 128, "wscales")
+    return p.contiguous().reshape(-1)[start * ng: stop * ng].reshape(ng, stop - start).clone()

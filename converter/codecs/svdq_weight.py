@@ -112,3 +112,12 @@ class SvdqNvfp4Layer(_SvdqLayer, layout=Layout.SVDQ_NVFP4):
         if "wcscales" in t:
             w = w * PackedVector.unpack(t["wcscales"]).float()[:, None]
         return w
+
+
+def qweight_rows(qweight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Output rows [start, stop) of a packed SVDQ qweight (int4 or nvfp4 codes). The 128-row tile (nt) is
+    outermost on disk, so whole tiles are a plain row slice of the packed (O, I/2) tensor."""
+    from .svdq_scales import check_rows
+
+    check_rows(qweight.shape[0], start, stop, 128, "SVDQ qweight")
+    return qweight[start:stop].contiguous()
