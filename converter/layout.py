@@ -81,6 +81,16 @@ def fused_over(layers: list[Layer], names: tuple[str, ...]) -> list[Segment]:
     return out
 
 
+@dataclass(frozen=True)
+class DiffusersPart:
+    """Rows [start, stop) of a checkpoint layer's output are the stock diffusers module `name` (the diffusers
+    tree keeps apart what Nunchaku fuses: q/k/v, Z-Image's [w3; w1])."""
+
+    name: str
+    start: int
+    stop: int
+
+
 class RowOrder(Protocol):
     """A layer whose stored output rows are a permutation of the rows a LoRA (diffusers) addresses."""
 
@@ -101,6 +111,10 @@ class Family:
     signatures: ClassVar[tuple[str, ...]] = ()  # regexes recognising this family's LoRA modules
     # the timestep embedder that feeds the AWQ modulation layers (empty: the family has none)
     timestep_keys: ClassVar[Mapping[str, str]] = {}
+    # the stock diffusers class that diffusers' Nunchaku Lite quantizer loads this family into (None: no export)
+    diffusers_class: ClassVar[str | None] = None
+    # the arguments of that class's __init__: the config.json keys it takes
+    diffusers_config_keys: ClassVar[frozenset[str]] = frozenset()
 
     def matches(self, metadata: Mapping[str, str], tensors: Mapping) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -108,6 +122,21 @@ class Family:
     def lora_targets(self, layers: Mapping[str, Layer]) -> dict[str, list[Segment]]:  # pragma: no cover
         """{LoRA module name: the row segments of checkpoint layers it lands on}."""
         raise NotImplementedError
+
+    def diffusers_parts(self, layer: Layer) -> list[DiffusersPart] | None:
+        """The stock diffusers modules `layer` becomes, each a range of its output rows (in the diffusers row order,
+        see row_order); None: the diffusers tree has no place for it (the export is refused)."""
+        return [DiffusersPart(layer.prefix, 0, layer.out_features)]
+
+    def activation_shift(self, layer: Layer) -> float:
+        """A constant Nunchaku's runtime adds to this layer's input before quantizing it, cancelled by the stored
+        bias; diffusers' module adds none, so the export moves its effect into the bias. 0.0: none."""
+        return 0.0
+
+    def folded_bias(self, layer: Layer) -> tuple[tuple[int, int, float], ...]:
+        """(start, stop, c): rows (diffusers order) whose stored bias carries a constant c that the diffusers block
+        adds itself; the export takes it out."""
+        return ()
 
     def row_order(self, prefix: str) -> RowOrder | None:
         """The stored row permutation of layer `prefix`, if it has one."""

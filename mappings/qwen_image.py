@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING
 
 from converter.layout import Family, Layer, Segment, split_rows, whole
+from converter.layout import DiffusersPart, Layout
 
 if TYPE_CHECKING:
     import torch
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 MOD_SPLITS = 6  # shift, scale, gate of the attention and of the MLP
 QKV = ("q", "k", "v")
+# Nunchaku's int4 kernel adds SHIFT_GELU to the GELU output feeding `*_mlp.net.2` before quantizing it (unsigned
+# activations); deepcompressor's conversion cancelled the shift in that layer's bias (see activation_shift)
+SHIFT_GELU = 0.171875
+DIFFUSERS_QKV = {".attn.to_qkv": ("to_q", "to_k", "to_v"),
+                 ".attn.add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 
 class ModulationInterleave:
@@ -50,6 +56,36 @@ class QwenImage(Family):
 
     def matches(self, metadata, tensors) -> bool:
         return metadata.get("model_class") == self.model_class or "transformer_blocks.0.attn.to_qkv.qweight" in tensors
+
+    # diffusers' QwenImageTransformer2DModel (transformer_qwenimage.py): its __init__ arguments
+    diffusers_class = "QwenImageTransformer2DModel"
+    diffusers_config_keys = frozenset({
+        "patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+        "joint_attention_dim", "guidance_embeds", "axes_dims_rope", "zero_cond_t", "use_additional_t_cond",
+        "use_layer3d_rope"})
+
+    def diffusers_parts(self, layer: Layer) -> list[DiffusersPart]:
+        """diffusers' attention calls to_q/to_k/to_v (add_q/k/v_proj) separately: the fused rows split in thirds."""
+        for suffix, names in DIFFUSERS_QKV.items():
+            if layer.prefix.endswith(suffix):
+                attn, n = layer.prefix[: -len(suffix)] + ".attn.", layer.out_features // 3
+                return [DiffusersPart(attn + c, i * n, (i + 1) * n) for i, c in enumerate(names)]
+        return [DiffusersPart(layer.prefix, 0, layer.out_features)]
+
+    def activation_shift(self, layer: Layer) -> float:
+        """Nunchaku runs `img_mlp.net.2` / `txt_mlp.net.2` on the GELU output + SHIFT_GELU (int4 only: nvfp4 has no
+        shift); diffusers' SVDQW4A4Linear quantizes the unshifted input."""
+        if layer.layout == Layout.SVDQ_INT4 and layer.prefix.endswith((".img_mlp.net.2", ".txt_mlp.net.2")):
+            return SHIFT_GELU
+        return 0.0
+
+    def folded_bias(self, layer: Layer) -> tuple[tuple[int, int, float], ...]:
+        """deepcompressor folded the +1 of `x * (1 + scale)` into the bias of the two scale chunks (k = 1, 4) of the
+        modulation rows, where Nunchaku runs with scale_shift 0; diffusers' block adds the 1 itself."""
+        if self.row_order(layer.prefix) is None:
+            return ()
+        d = layer.out_features // MOD_SPLITS
+        return ((d, 2 * d, 1.0), (4 * d, 5 * d, 1.0))
 
     def row_order(self, prefix: str) -> ModulationInterleave | None:
         if prefix.endswith((".img_mod.1", ".txt_mod.1")) and _BLOCK.match(prefix):

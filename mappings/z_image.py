@@ -12,9 +12,15 @@ from __future__ import annotations
 import re
 
 from converter.layout import Family, Layer, Segment, fused_over, split_rows, whole
+from converter.layout import DiffusersPart
 
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.")
 GLU = ("w3", "w1")  # row order of feed_forward.net.0.proj
+# diffusers' ZImageTransformerBlock keeps w1/w2/w3 and to_q/to_k/to_v apart, all without a bias
+DIFFUSERS_SPLITS = {".attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+                    ".feed_forward.net.0.proj": ("feed_forward.w3", "feed_forward.w1"),
+                    ".feed_forward.net.2": ("feed_forward.w2",)}
+DIFFUSERS_NO_BIAS = (".attention.to_q", ".attention.to_k", ".attention.to_v", ".attention.to_out.0")
 
 # names that ComfyUI / the original Z-Image code use for the same layers
 ALIASES = {
@@ -47,6 +53,28 @@ class ZImage(Family):
             return None
         d = layer.out_features // 3
         return [Segment(layer.prefix, 2 * d, 0, d, "v")]
+
+    # diffusers' ZImageTransformer2DModel (transformer_z_image.py): its __init__ arguments
+    diffusers_class = "ZImageTransformer2DModel"
+    diffusers_config_keys = frozenset({
+        "all_patch_size", "all_f_patch_size", "in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads",
+        "n_kv_heads", "norm_eps", "qk_norm", "cap_feat_dim", "siglip_feat_dim", "rope_theta", "t_scale", "axes_dims",
+        "axes_lens"})
+
+    def diffusers_parts(self, layer: Layer) -> list[DiffusersPart] | None:
+        """Block layers (quantized, or bf16 refiners with skip_refiners): to_qkv -> to_q/to_k/to_v, net.0.proj =
+        [w3; w1] -> w3, w1, net.2 -> w2. diffusers' block linears have no bias: a layer with one has no place."""
+        p = layer.prefix
+        if not _BLOCK.match(p):
+            return [DiffusersPart(p, 0, layer.out_features)]
+        for suffix, names in DIFFUSERS_SPLITS.items():
+            if p.endswith(suffix):
+                block, n = p[: -len(suffix)] + ".", layer.out_features // len(names)
+                parts = [DiffusersPart(block + c, i * n, (i + 1) * n) for i, c in enumerate(names)]
+                return None if layer.has_bias else parts
+        if p.endswith(DIFFUSERS_NO_BIAS) and layer.has_bias:
+            return None
+        return [DiffusersPart(p, 0, layer.out_features)]
 
     def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
         targets = {p: whole(l) for p, l in layers.items()}
