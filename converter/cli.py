@@ -153,6 +153,7 @@ def main() -> None:
       qwenlora-merge BASE LORA[:STRENGTH]... -o OUT     merge (the default command)
       qwenlora-merge verify BASE MERGED LORA[:STRENGTH]...   re-check a merged file
       qwenlora-merge batch BASE PLAN.json                several outputs, base read once
+      qwenlora-merge export-diffusers BASE [LORA[:S]...] -o DIR   a folder stock diffusers loads (Nunchaku Lite)
 
     The merged file loads in stock ComfyUI-nunchaku and nunchaku's diffusers path: no runtime patch.
     Run `qwenlora-merge merge --help` for every option.
@@ -441,6 +442,54 @@ def batch_cmd(base, plan_file, sets, **settings):
         fail(e, settings["debug"])
         return
     run_jobs(base, entries, RunSettings(**settings))
+
+
+@main.command("export-diffusers")
+@click.argument("base", type=click.Path(exists=True, dir_okay=False))
+@click.argument("loras", nargs=-1, metavar="[LORA[:STRENGTH]...]")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The diffusers component folder to write (e.g. the `transformer` folder of a pipeline).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Split the weights into numbered shards + an index above this size (500MB, 10GB, ...).")
+@run_options
+def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
+    """Write BASE, with the LORAs merged in, as a folder that stock diffusers loads with its Nunchaku Lite
+    quantizer (diffusers >= 0.42): config.json with the quantization section, then
+    diffusion_pytorch_model.safetensors (sharded with an index above --max-shard-size).
+
+    \b
+    The LoRAs are merged exactly as by `merge` (same planner, same report); the layers are then written in
+    diffusers' module tree: to_qkv split into to_q/to_k/to_v (add_q/k/v_proj), Z-Image's [w3; w1] into w3 and
+    w1, Qwen's modulation rows in diffusers' chunk order without the folded +1, int4 img/txt_mlp.net.2 with the
+    GELU shift moved into the bias, smooth_factor_orig dropped. Load it with
+      QwenImageTransformer2DModel.from_pretrained(DIR, torch_dtype=torch.bfloat16)   (or ZImageTransformer2DModel)
+
+    \b
+    Refused (exit 2, nothing written): a base whose smoothing is fused upstream, a family diffusers lacks, an
+    existing DIR without --overwrite, a DIR that is or holds an input. The folder appears complete or not at all.
+    """
+    from .export import ExportOptions, export_diffusers, parse_size, render_export
+    from .pipeline import Options
+
+    rs = RunSettings(**settings)
+    if not rs.dry_run:
+        preload_torch()
+    try:
+        check_device(rs.device)
+        xo = ExportOptions(out_dir, parse_size(max_shard_size), rs.overwrite, rs.dry_run)
+        opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
+                       svd_rank=rs.svd_rank, progress=Progress(not rs.quiet, "exporting"))
+        rep = export_diffusers(base, list(loras), opts, xo)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
+        fail(e, rs.debug)
+        return
+    if rs.as_json:
+        click.echo(json.dumps(rep, indent=1))
+    elif not rs.quiet:
+        click.echo(render_export(rep, rs.verbose))
+    if rs.as_json or rs.quiet:
+        for w in rep["warnings"]:
+            click.echo(f"warning: {w}", err=True)
 
 
 @main.command("verify")

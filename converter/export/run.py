@@ -1,0 +1,191 @@
+"""export-diffusers: base (+ LoRAs, merged on the way by the same planner and layer kinds as `merge`) -> a diffusers
+component folder that stock diffusers loads with its Nunchaku Lite quantizer. One streamed pass: copies first,
+then the changed and transformed layers one at a time, shard after shard, into a temp folder renamed into place."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..layers import MergeContext
+from ..lorafile import parse_spec
+from ..naming import human_bytes
+from ..pipeline import Options, Session, open_session, post_write_check, provenance
+from ..report import plan_report, render, summarize_layers
+from ..st_writer import OutSpec, StreamingWriter
+from .config import diffusers_config
+from .folder import (CONFIG_NAME, INDEX_NAME, SHARD_METADATA, AtomicFolder, Shard, check_target, index_json,
+                     plan_shards)
+from .tree import ExportError, ExportTree, export_tree
+
+
+@dataclass
+class ExportOptions:
+    out_dir: str
+    max_shard_bytes: int = 5 * 10**9
+    overwrite: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class ExportPlan:
+    session: Session
+    tree: ExportTree
+    shards: list[Shard]
+    config: dict
+    target: str
+    report: dict
+
+
+def refuse_unexportable(model) -> None:
+    """One clear line for a base diffusers' Nunchaku Lite cannot take."""
+    fam = model.family
+    if fam.diffusers_class is None:
+        raise ExportError(f"{fam.title} has no stock diffusers model that diffusers' Nunchaku Lite quantizer loads; "
+                          "export-diffusers supports Qwen-Image and Z-Image-Turbo")
+    if model.precision is None:
+        raise ExportError("the base has no W4A4 (SVDQ) layer: nothing for diffusers' Nunchaku Lite to load")
+    if model.fused_smoothing:
+        some = sorted(model.fused_smoothing)
+        raise ExportError(f"the base has smoothing fused upstream in {len(some)} layers (e.g. {some[0]}: smooth_factor "
+                          "all ones, smooth_factor_orig not); diffusers' module has no smooth_factor_orig and would "
+                          "take a pre-divided input, so it cannot be exported")
+
+
+def plan_export(base: str, lora_specs: list[str], opts: Options, xo: ExportOptions) -> ExportPlan:
+    """Open, refuse or plan; the caller closes `.session`. Reads headers only (and no torch)."""
+    inputs = [base] + [parse_spec(x)[0] for x in lora_specs]
+    target = check_target(xo.out_dir, inputs, overwrite=xo.overwrite or xo.dry_run)
+    s = open_session(base, lora_specs, opts)
+    try:
+        refuse_unexportable(s.model)
+        tree = export_tree(s.model, s.plan, s.base)
+        cfg, dropped = diffusers_config(s.model, tree, s.plan.new_rank)
+        shards = plan_shards(tree.tensors, xo.max_shard_bytes)
+        rep = plan_report(s.plan, base, os.path.getsize(base))
+        rep |= {"dry_run": xo.dry_run, "output_planned": target, "expected_output_bytes": tree.nbytes,
+                "export": _export_summary(s, tree, shards, cfg["quantization_config"])}
+        if dropped:
+            rep["warnings"].append(f"config keys {', '.join(dropped)} are no arguments of diffusers' "
+                                   f"{s.model.family.diffusers_class}: left out of config.json")
+    except BaseException:
+        s.close()
+        raise
+    return ExportPlan(s, tree, shards, cfg, target, rep)
+
+
+def _export_summary(s: Session, tree: ExportTree, shards: list[Shard], qc: dict) -> dict:
+    return {"class": s.model.family.diffusers_class, "quant_method": qc["quant_method"],
+            "precision": qc["svdq_w4a4"]["precision"], "rank": s.plan.new_rank,
+            "svdq_targets": len(tree.svdq_targets), "awq_targets": len(tree.awq_targets),
+            "tensors": len(tree.tensors), "copied": sum(t.copy for t in tree.tensors),
+            "files": [sh.file for sh in shards]}
+
+
+def export_diffusers(base: str, lora_specs: list[str], opts: Options, xo: ExportOptions) -> dict:
+    """Plan, then (unless a dry run) write the folder; returns the report (the merge's, plus `export`)."""
+    xp = plan_export(base, lora_specs, opts, xo)
+    try:
+        if not xo.dry_run:
+            xp.report |= write_export(xp, opts, xo)
+    finally:
+        xp.session.close()
+    return xp.report
+
+
+def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
+    s = xp.session
+    for lf in s.loras:
+        lf.hash_in_background()
+    folder = AtomicFolder(xp.target)
+    ctx: list[MergeContext] = []
+    transformer: list = []
+
+    def compute(prefix: str) -> dict:
+        if not transformer:  # torch is imported here, once the copies are under way
+            from .transform import LayerTransformer
+
+            ctx.append(MergeContext(s.base, s.model, opts.device))
+            transformer.append(LayerTransformer(ctx[0], s.plan, xp.tree))
+        return transformer[0](prefix)
+
+    t0 = time.perf_counter()
+    try:
+        direct = write_shards(s.base, xp.shards, folder, compute, _progress(opts, xp.tree.nbytes))
+        index = index_json(xp.shards)
+        if index is not None:
+            folder.write_json(INDEX_NAME, index)
+        folder.write_json(CONFIG_NAME, xp.config | {"_qwenlora_merge": provenance(s)})  # "_" keys: ignored by diffusers
+        folder.commit(xo.overwrite)
+    except BaseException:
+        folder.abort()
+        raise
+    finally:
+        if ctx:
+            ctx[0].close()
+    records = transformer[0].records if transformer else []
+    rounded = transformer[0].rounded if transformer else []
+    out = {"seconds": round(time.perf_counter() - t0, 3), "output": xp.target, "output_bytes": _folder_bytes(xp.target),
+           "write_mode": "direct" if direct else "buffered", "layers": records,
+           "layers_summary": summarize_layers(records)}
+    if rounded:
+        xp.report["warnings"].append(f"{len(rounded)} tensors rounded to the compute dtype diffusers holds them in "
+                                     f"(e.g. {rounded[0]})")
+    return out
+
+
+def write_shards(base, shards: list[Shard], folder: AtomicFolder, compute: Callable[[str], dict],
+                 progress: Callable[[int], None] | None) -> bool:
+    """Every shard through its own streaming writer, one after the other; a layer is computed when its first
+    tensor comes up and its other tensors wait (one layer, plus a few tiny ones moved to a shard's end).
+    Returns whether every byte went through O_DIRECT."""
+    pending: dict = {}
+    done: set[str] = set()
+    direct = True
+    for shard in shards:
+        specs = [OutSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
+        w = StreamingWriter(folder.path(shard.file), specs, SHARD_METADATA, progress=progress)
+        try:
+            for t in shard.tensors:
+                if t.copy:
+                    w.copy_tensor(t.name, base, t.source)
+                    continue
+                if t.layer not in done:
+                    pending.update(compute(t.layer))
+                    done.add(t.layer)
+                w.write_tensor(t.name, pending.pop(t.name))
+            w.finish(check=lambda tmp: post_write_check(tmp, specs, SHARD_METADATA))
+            w.publish()
+        except BaseException:
+            w.abort()
+            raise
+        direct = direct and w.direct
+    return direct
+
+
+def _progress(opts: Options, total: int) -> Callable[[int], None]:
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if opts.progress:
+            opts.progress(done[0], total, "")
+
+    return step
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def render_export(rep: dict, verbose: bool = False) -> str:
+    """The merge report's lines, then what the folder holds."""
+    x = rep["export"]
+    files = x["files"]
+    where = files[0] if len(files) == 1 else f"{len(files)} shards + {INDEX_NAME}"
+    line = (f"export   diffusers {x['class']} ({x['quant_method']} {x['precision']}, rank {x['rank']}): "
+            f"{x['svdq_targets']} SVDQ + {x['awq_targets']} AWQ modules, {x['tensors']} tensors "
+            f"({x['copied']} copied) in {where} + {CONFIG_NAME}, {human_bytes(rep['expected_output_bytes'])}")
+    return render(rep, verbose) + "\n" + line

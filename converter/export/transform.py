@@ -1,0 +1,143 @@
+"""The export's computed tensors, one checkpoint layer at a time: the layer's tensors after the merge (the merge's
+new ones, the base's for the rest) cut, permuted and re-based as tree.py declared them. Every operation is a
+codec-level one (tested bit-exact in tests/test_codecs.py) or plain row slicing, except the int4 shift
+compensation, a bias change computed in fp64 and rounded once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .. import dtypes
+from ..codecs import layer_codec
+from ..codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
+from ..codecs.lowrank import up_rows
+from ..codecs.svdq_scales import PackedVector, vector_rows, wscales_rows
+from ..codecs.svdq_weight import qweight_rows
+from ..layers import MergeContext, kind_of
+from .tree import AWQ_GROUP, ExportError, ExportTree, OutTensor
+
+if TYPE_CHECKING:
+    from ..layout import Layer
+    from ..planner import Plan
+
+
+class _Sources:
+    """A layer's tensors after the merge, each read from the base at most once, plus values derived from them
+    once per layer (the shifted bias, the row permutation)."""
+
+    def __init__(self, base, layer: Layer, merged: dict[str, torch.Tensor], family):
+        self.base, self.layer, self.merged, self.family = base, layer, merged, family
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.merged:
+            return self.merged[name]
+        if name not in self._cache:
+            self._cache[name] = self.base.get(name)
+        return self._cache[name]
+
+    def derived(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def perm(self) -> torch.Tensor | None:
+        """perm[i] = the stored row that is diffusers' row i (None: the rows are stored in diffusers' order)."""
+        order = self.family.row_order(self.layer.prefix)
+        if order is None:
+            return None
+        return self.derived("#perm", lambda: order.to_lora(torch.arange(self.layer.out_features)))
+
+
+def shifted_bias(src: _Sources, shift: float) -> torch.Tensor:
+    """The packed bias of an SVDQ layer whose Nunchaku runtime feeds the 4-bit path (x + shift) / smooth while
+    diffusers' module feeds it x / smooth: b + shift·Σ_j Ŵ[o, j] / smooth[j] (Ŵ the dequantized 4-bit weight,
+    logical order), so both compute the same output. The low-rank branch reads the unshifted input in both
+    (nunchaku's epilogue order), so it needs nothing. In fp64 (Ŵ's entries are exact in fp32), one rounding."""
+    layer = src.layer
+    t = {p: src.get(layer.key(p)) for p in ("qweight", "wscales")}
+    smooth = PackedVector.unpack(src.get(layer.key("smooth_factor"))).double()
+    rowsum = (layer_codec(layer.layout).dequantize(t).double() / smooth).sum(1)
+    b = src.get(layer.key("bias"))
+    return PackedVector.pack((PackedVector.unpack(b).double() + shift * rowsum).to(b.dtype))
+
+
+def _awq_bias(src: _Sources, t: torch.Tensor) -> torch.Tensor:
+    perm = src.perm()
+    b = (t[perm] if perm is not None else t).float()
+    for start, stop, c in src.family.folded_bias(src.layer):
+        b[start:stop] -= c
+    return b.to(t.dtype)
+
+
+def _awq_params(src: _Sources, t: torch.Tensor) -> torch.Tensor:
+    t = t[: src.layer.in_features // AWQ_GROUP]
+    perm = src.perm()
+    return permute_group_params(t, perm) if perm is not None else t
+
+
+def _awq_qweight(src: _Sources, t: torch.Tensor) -> torch.Tensor:
+    perm = src.perm()
+    return permute_qweight_rows(t, perm) if perm is not None else t
+
+
+def _cut(fn) -> Callable[[_Sources, OutTensor, torch.Tensor], torch.Tensor]:
+    return lambda src, o, t: fn(t, *o.rows)
+
+
+# op name (tree.py) -> (the layer's sources, the output's declaration, its source tensor) -> the tensor
+OPS: dict[str, Callable[[_Sources, OutTensor, torch.Tensor | None], torch.Tensor]] = {
+    "same": lambda src, o, t: t,
+    "qweight_rows": _cut(qweight_rows),
+    "wscales_rows": _cut(wscales_rows),
+    "vector_rows": _cut(vector_rows),
+    "up_rows": _cut(up_rows),
+    "dense_rows": _cut(lambda t, a, b: t[a:b].contiguous()),
+    "shifted_bias": lambda src, o, t: vector_rows(
+        src.derived("#shifted_bias", lambda: shifted_bias(src, src.family.activation_shift(src.layer))), *o.rows),
+    "ones": lambda src, o, t: torch.ones(o.shape, dtype=dtypes.torch_dtype(o.dtype)),
+    "wtscale": lambda src, o, t: t.reshape(1),
+    "awq_qweight": lambda src, o, t: _awq_qweight(src, t),
+    "awq_params": lambda src, o, t: _awq_params(src, t),
+    "awq_bias": lambda src, o, t: _awq_bias(src, t),
+}
+
+
+class LayerTransformer:
+    """Computes the export's tensors of one checkpoint layer at a time (the merge through the layer kinds, then
+    the ops), keeping the merge's fidelity records and the values the compute dtype had to round."""
+
+    def __init__(self, ctx: MergeContext, plan: Plan, tree: ExportTree):
+        self.ctx, self.plan = ctx, plan
+        self.touched_layers = {k.rpartition(".")[0] for k in plan.touched_keys()}
+        self.outputs: dict[str, list[OutTensor]] = {}
+        for o in tree.tensors:
+            if not o.copy:
+                self.outputs.setdefault(o.layer, []).append(o)
+        self.records: list[dict] = []
+        self.rounded: list[str] = []
+
+    def __call__(self, prefix: str) -> dict[str, torch.Tensor]:
+        layer = self.plan.model.layers[prefix]
+        outs = self.outputs[prefix]
+        merged: dict[str, torch.Tensor] = {}
+        if prefix in self.touched_layers:  # the merge rewrites some of its tensors
+            kind = kind_of(layer)
+            merged, rec = kind.apply(self.ctx, self.plan, layer, self.plan.ops.get(prefix))
+            if rec is not None:
+                self.records.append({"layer": prefix, "method": kind.name} | rec)
+        src = _Sources(self.ctx.base, layer, merged, self.plan.model.family)
+        return {o.name: self._finish(o, OPS[o.op](src, o, src.get(o.source) if o.source else None)) for o in outs}
+
+    def _finish(self, o: OutTensor, t: torch.Tensor) -> torch.Tensor:
+        want = dtypes.torch_dtype(o.dtype)
+        if t.dtype != want:
+            cast = t.to(want)
+            if t.is_floating_point() and not torch.equal(cast.to(t.dtype), t):
+                self.rounded.append(o.name)  # e.g. an fp32 wtscale: diffusers holds it in the compute dtype
+            t = cast
+        if tuple(t.shape) != o.shape:
+            raise ExportError(f"{o.name}: made {tuple(t.shape)}, declared {o.shape} (a bug or an inconsistent file)")
+        return t.contiguous()
