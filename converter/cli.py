@@ -479,7 +479,8 @@ def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
         xo = ExportOptions(out_dir, parse_size(max_shard_size), rs.overwrite, rs.dry_run)
         opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
                        svd_rank=rs.svd_rank, progress=Progress(not rs.quiet, "exporting"))
-        rep = export_diffusers(base, list(loras), opts, xo)
+        with signals_unwind():  # SIGTERM/SIGHUP clean up like Ctrl-C: no temp folder left
+            rep = export_diffusers(base, list(loras), opts, xo)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
         fail(e, rs.debug)
         return

@@ -372,8 +372,11 @@ def test_existing_folder_overwrite_and_interrupt_are_atomic(zimage_nvfp4, tmp_pa
     assert res.exit_code == 130 and os.listdir(out) == ["old.txt"]  # the old folder untouched
     assert sorted(os.listdir(tmp_path)) == ["out"], "temp left behind"
     monkeypatch.setattr(transform.LayerTransformer, "__call__", real)
+    (tmp_path / ".out.999999999.x.partial").mkdir()  # left by a killed export (no such process): removed
+    (tmp_path / f".out.{os.getppid()}.y.partial").mkdir()  # a running process's: kept
     run("export-diffusers", zimage_nvfp4.path, "-o", out, "--overwrite", "-q")
     assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert sorted(os.listdir(tmp_path)) == [f".out.{os.getppid()}.y.partial", "out"]
+    os.rmdir(tmp_path / f".out.{os.getppid()}.y.partial")
     run("export-diffusers", zimage_nvfp4.path, "-o", tmp_path / "dry", "--dry-run")
     assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -92,6 +92,33 @@ def check_target(out_dir: str, inputs: list[str], overwrite: bool) -> str:
     return target
 
 
+def remove_stale_folders(target: str) -> None:
+    """Temp folders of `target` (`.<name>.<pid>.<random>.partial`) left by processes that no longer run (killed
+    with SIGKILL, a power cut): nothing else would remove them. A live process's folder is never touched."""
+    parent, name = os.path.split(target)
+    prefix = f".{name}."
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):].split(".", 1)[0] if entry.startswith(prefix) and entry.endswith(".partial") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no signal-0 probe there: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, another user's
+    return True
+
+
 def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
@@ -119,7 +146,8 @@ class AtomicFolder:
     def __init__(self, target: str):
         self.target = target
         parent, name = os.path.split(target)
-        self.tmp: str | None = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+        remove_stale_folders(target)
+        self.tmp: str | None = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=parent)
         os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the export is an ordinary folder
 
     def path(self, name: str) -> str:
@@ -141,10 +169,13 @@ class AtomicFolder:
             old = self.tmp[: -len(".partial")] + ".old"
             os.rename(self.target, old)
         try:
-            os.rename(self.tmp, self.target)
-        except BaseException:
+            os.rename(self.tmp, self.target)  # fails if another process made a non-empty target meanwhile
+        except BaseException as e:
             if old is not None:
                 os.rename(old, self.target)
+            if isinstance(e, OSError) and os.path.lexists(self.target):
+                raise ExportError(f"{self.target} appeared while this export was running (another export?); it "
+                                  "was left as it is and nothing was written") from None
             raise
         self.tmp = None
         _fsync_path(parent)
