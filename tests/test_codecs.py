@@ -242,3 +242,16 @@ def test_awq_deinterleave_equals_deepcompressor_without_splits():
     folded_back[d:2 * d] += 1
     folded_back[4 * d:5 * d] += 1
     _same(folded_back.to(torch.bfloat16), inter[3][perm])
+
+
+@pytest.mark.parametrize("o,i", [(128, 128), (384, 512), (256, 3072)])
+def test_group_dots_in_packed_space(o, i):
+    """Per-group dot products of the int4 codes with an input vector, read in packed order: the same numbers as
+    from the logical codes deepcompressor packed (exact here; fp64 sums in another order in general)."""
+    from converter.codecs.svdq_weight import group_dots
+
+    g = torch.Generator().manual_seed(o * i)
+    q = torch.randint(-8, 8, (o, i), generator=g, dtype=torch.int32)
+    v = torch.rand(i, generator=g, dtype=torch.float64) + 0.5
+    want = (q.double().view(o, i // 64, 64) * v.view(i // 64, 64)).sum(-1)
+    assert torch.allclose(group_dots(PACKER.pack_weight(q.clone()), v), want, rtol=1e-14, atol=1e-12)

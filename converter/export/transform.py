@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .. import dtypes
-from ..codecs import layer_codec
 from ..codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
 from ..codecs.lowrank import up_rows
-from ..codecs.svdq_scales import PackedVector, vector_rows, wscales_rows
-from ..codecs.svdq_weight import qweight_rows
+from ..codecs.svdq_scales import PackedVector, WScalesInt4, vector_rows, wscales_rows
+from ..codecs.svdq_weight import group_dots, qweight_rows
 from ..layers import MergeContext, kind_of
+from ..layout import Layout
 from .tree import AWQ_GROUP, ExportError, ExportTree, OutTensor
 
 if TYPE_CHECKING:
@@ -55,11 +55,14 @@ def shifted_bias(src: _Sources, shift: float) -> torch.Tensor:
     """The packed bias of an SVDQ layer whose Nunchaku runtime feeds the 4-bit path (x + shift) / smooth while
     diffusers' module feeds it x / smooth: b + shift·Σ_j Ŵ[o, j] / smooth[j] (Ŵ the dequantized 4-bit weight,
     logical order), so both compute the same output. The low-rank branch reads the unshifted input in both
-    (nunchaku's epilogue order), so it needs nothing. In fp64 (Ŵ's entries are exact in fp32), one rounding."""
+    (nunchaku's epilogue order), so it needs nothing. int4 only (nvfp4 has no shift); in fp64, one rounding:
+    Σ_g wscales[o, g]·Σ_{j in g} q[o, j]/smooth[j], the inner sums taken in packed space (group_dots)."""
     layer = src.layer
-    t = {p: src.get(layer.key(p)) for p in ("qweight", "wscales")}
-    smooth = PackedVector.unpack(src.get(layer.key("smooth_factor"))).double()
-    rowsum = (layer_codec(layer.layout).dequantize(t).double() / smooth).sum(1)
+    if layer.layout != Layout.SVDQ_INT4:
+        raise ExportError(f"{layer.prefix}: an activation shift is an int4 fact; this layer is {layer.layout.value}")
+    inv_smooth = 1.0 / PackedVector.unpack(src.get(layer.key("smooth_factor"))).double()
+    dots = group_dots(src.get(layer.key("qweight")), inv_smooth)
+    rowsum = (dots * WScalesInt4.unpack(src.get(layer.key("wscales"))).double()).sum(1)
     b = src.get(layer.key("bias"))
     return PackedVector.pack((PackedVector.unpack(b).double() + shift * rowsum).to(b.dtype))
 
