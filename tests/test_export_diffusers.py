@@ -22,6 +22,7 @@ from diffusers_harness import install_kernels_standin, load_as_readme_shows, qua
 
 install_kernels_standin()  # before diffusers is imported: its quantizer module needs `kernels` at import
 diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")  # diffusers' quantized loading builds the model with it
 
 from deepcompressor.backend.tinychat.utils import pack_w4  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -282,16 +283,40 @@ def test_config_keys_are_the_stock_class_arguments(family):
     assert fam.diffusers_config_keys == set(init) - {"self"}
 
 
-def _with_config(src, dst, **extra) -> None:
-    """A copy of checkpoint `src` whose diffusers config carries `extra` keys."""
+def _with_config(src, dst, drop=(), **extra) -> None:
+    """A copy of checkpoint `src` without the tensors `drop`, its diffusers config carrying `extra` keys."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(src), "pt") as f:
         meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
     meta["config"] = json.dumps(json.loads(meta["config"]) | extra)
     save_file(sd, str(dst), metadata=meta)
+
+
+def test_shard_sizes_parse():
+    from converter.export import ExportError, parse_size
+
+    assert parse_size("500MB") == 500 * 10**6 and parse_size("10GB") == 10**10 and parse_size("2GiB") == 2 << 30
+    assert parse_size("1.5gb") == 1.5e9 and parse_size("4096") == 4096
+    for bad in ("", "5 parsecs", "-1GB", "0"):
+        with pytest.raises(ExportError):
+            parse_size(bad)
+
+
+def test_nvfp4_without_channel_scales_gets_ones(zimage_nvfp4, tmp_path):
+    """Nunchaku treats an absent wcscales / wtscale as ones; diffusers' nvfp4 module has both parameters."""
+    layer = "layers.0.attention.to_qkv"
+    base = tmp_path / "base.safetensors"
+    _with_config(zimage_nvfp4.path, base, drop=(f"{layer}.wcscales", f"{layer}.wtscale"))
+    run("export-diffusers", base, "-o", tmp_path / "out", "-q")
+    sd = read_folder(tmp_path / "out")
+    for m in ("to_q", "to_k", "to_v"):
+        wc, wt = sd[f"layers.0.attention.{m}.wcscales"], sd[f"layers.0.attention.{m}.wtscale"]
+        assert wc.dtype == wt.dtype == torch.bfloat16 and wt.shape == (1,) and bool((wc == 1).all() and wt == 1)
+    _, info = load_as_readme_shows(tmp_path / "out", "ZImageTransformer2DModel")
+    assert not any(info.values()), info
 
 
 def _shard_offsets_aligned(path) -> bool:
