@@ -119,6 +119,10 @@ def export_tree(model, plan, base) -> ExportTree:
             _awq_outputs(b, layer, names)
         else:
             _dense_outputs(b, layer, names)
+    out_names = [t.name for t in b.out]
+    if len(set(out_names)) != len(out_names):
+        twice = sorted({n for n in out_names if out_names.count(n) > 1})
+        raise ExportError(f"two checkpoint tensors would both be {twice[0]} in diffusers' tree; nothing was written")
     copies = [t for t in b.out if t.copy]
     computed = sorted((t for t in b.out if not t.copy), key=lambda t: natural(t.layer))  # stable within a layer
     return ExportTree(copies + computed, [t[-1] for t in sorted(b.svdq)], [t[-1] for t in sorted(b.awq)], b.cdtype)
