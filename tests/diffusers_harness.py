@@ -68,7 +68,7 @@ def install_kernels_standin() -> None:
     kernels.__standin__ = True
     kernels.get_kernel = _get_kernel
     sys.modules["kernels"] = kernels
-    sys.meta_path.insert(0, _KernelsFinder())
+    sys.meta_path.append(_KernelsFinder())  # after the real finders: an installed `kernels` still answers first
     if "diffusers" in sys.modules:  # too late for its import-time checks: give them the values they would have had
         import diffusers.utils.constants as constants
         import diffusers.utils.import_utils as iu
