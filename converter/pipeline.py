@@ -174,7 +174,8 @@ class _Output:
         self.writer.finish(check=lambda tmp: post_write_check(tmp, self.specs, self.meta))
 
 
-def _progress(opts: Options, total: int) -> Callable[[int], None]:
+def progress_counter(opts: Options, total: int) -> Callable[[int], None]:
+    """A writer callback that adds up the bytes written and reports them to opts.progress."""
     done = [0]
 
     def step(n: int) -> None:
@@ -197,7 +198,7 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
         raise MergeError("two outputs of one batch have the same path")
     order = output_order(base, [j.session.plan for j in jobs])
     outs = [_Output(j, base, order) for j in jobs]
-    step = _progress(opts, sum(o.nbytes for o in outs))
+    step = progress_counter(opts, sum(o.nbytes for o in outs))
     ctx: list[MergeContext] = []  # made (and torch imported) when the first changed layer comes up
 
     def compute(o: _Output, prefix: str) -> dict:

@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import queue
+import shutil
 import struct
 import tempfile
 import threading
@@ -210,7 +211,8 @@ def _umask() -> int:
     return old
 
 
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file, as cp does
+UMASK = _umask()
+_FILE_MODE = 0o666 & ~UMASK  # what open() would give a new file, as cp does
 
 
 def _open_direct(path: str) -> int:
@@ -237,8 +239,8 @@ def temp_prefix(path: str) -> str:
 
 
 def remove_stale_temps(path: str) -> list[str]:
-    """Remove temp files of `path` left by processes that no longer run (a merge killed with SIGKILL, a power
-    cut): nothing else can. Best effort; a live process's temp file is never touched."""
+    """Remove temp files (or folders) of `path` left by processes that no longer run (a merge killed with
+    SIGKILL, a power cut): nothing else can. Best effort; a live process's temp file is never touched."""
     folder = os.path.dirname(os.path.abspath(path))
     prefix, removed = temp_prefix(path), []
     try:
@@ -247,16 +249,17 @@ def remove_stale_temps(path: str) -> list[str]:
         return removed
     for name in names:
         pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(".partial") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            stale = os.path.join(folder, name)
             try:
-                os.unlink(os.path.join(folder, name))
+                shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.unlink(stale)
                 removed.append(name)
             except OSError:
                 pass
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if os.name != "posix":
         return True  # no signal-0 probe (os.kill would terminate the process on Windows): leave it
     try:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from ..st_writer import UMASK, remove_stale_temps
 from .tree import ExportError, OutTensor
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers utils/constants.py
@@ -92,39 +93,6 @@ def check_target(out_dir: str, inputs: list[str], overwrite: bool) -> str:
     return target
 
 
-def remove_stale_folders(target: str) -> None:
-    """Temp folders of `target` (`.<name>.<pid>.<random>.partial`) left by processes that no longer run (killed
-    with SIGKILL, a power cut): nothing else would remove them. A live process's folder is never touched."""
-    parent, name = os.path.split(target)
-    prefix = f".{name}."
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return
-    for entry in entries:
-        pid = entry[len(prefix):].split(".", 1)[0] if entry.startswith(prefix) and entry.endswith(".partial") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no signal-0 probe there: leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, another user's
-    return True
-
-
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
     try:
         fd = os.open(path, flags)
@@ -146,9 +114,9 @@ class AtomicFolder:
     def __init__(self, target: str):
         self.target = target
         parent, name = os.path.split(target)
-        remove_stale_folders(target)
+        remove_stale_temps(target)
         self.tmp: str | None = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=parent)
-        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the export is an ordinary folder
+        os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; the export is an ordinary folder
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)

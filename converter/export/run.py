@@ -12,7 +12,7 @@ from typing import Callable
 from ..layers import MergeContext
 from ..lorafile import parse_spec
 from ..naming import human_bytes
-from ..pipeline import Options, Session, open_session, post_write_check, provenance
+from ..pipeline import Options, Session, open_session, post_write_check, progress_counter, provenance
 from ..report import plan_report, render, summarize_layers
 from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
@@ -113,11 +113,13 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
 
     t0 = time.perf_counter()
     try:
-        direct = write_shards(s.base, xp.shards, folder, compute, _progress(opts, xp.tree.nbytes))
+        direct = write_shards(s.base, xp.shards, folder, compute, progress_counter(opts, xp.tree.nbytes))
         index = index_json(xp.shards)
         if index is not None:
             folder.write_json(INDEX_NAME, index)
         folder.write_json(CONFIG_NAME, xp.config | {"_qwenlora_merge": provenance(s)})  # "_" keys: ignored by diffusers
+        for ck in [s.base] + [lf.ckpt for lf in s.loras]:
+            ck.check_unchanged()  # what was read must be what the folder vouches for
         folder.commit(xo.overwrite)
     except BaseException:
         folder.abort()
@@ -163,17 +165,6 @@ def write_shards(base, shards: list[Shard], folder: AtomicFolder, compute: Calla
             raise
         direct = direct and w.direct
     return direct
-
-
-def _progress(opts: Options, total: int) -> Callable[[int], None]:
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        if opts.progress:
-            opts.progress(done[0], total, "")
-
-    return step
 
 
 def _folder_bytes(path: str) -> int:

@@ -15,13 +15,12 @@ The rules (diffusers 0.42.1, quantizers/nunchaku/utils.py: SVDQW4A4Linear, AWQW4
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .. import dtypes
 from ..errors import MergeError
 from ..layout import DiffusersPart, Layer, Layout
 from ..naming import natural
+from ..st_writer import OutSpec
 
 DROPPED = frozenset({"smooth_factor_orig"})  # diffusers' SVDQW4A4Linear has no such parameter
 SVDQ_PARTS = frozenset({"qweight", "wscales", "bias", "smooth_factor", "proj_down", "proj_up", "wcscales", "wtscale"})
@@ -34,26 +33,15 @@ class ExportError(MergeError):
 
 
 @dataclass(frozen=True)
-class OutTensor:
+class OutTensor(OutSpec):
     """One tensor of the export. `op` names how it is made from `source` (transform.py); `copy` means the bytes
     of `source` in the base, unchanged (no op, no dtype change, not rewritten by the merge)."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    layer: str | None  # checkpoint layer whose transform computes it
-    source: str | None  # base tensor (None: synthesized ones)
+    layer: str | None = None  # checkpoint layer whose transform computes it
+    source: str | None = None  # base tensor (None: synthesized ones)
     op: str = "same"
     rows: tuple[int, int] | None = None  # the diffusers part's rows of the layer's output
     copy: bool = True
-
-    @property
-    def itemsize(self) -> int:
-        return dtypes.SIZES[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
 
 
 @dataclass
