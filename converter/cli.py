@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import click
 
-from . import __version__
+from . import __version__, interrupts
 from .errors import MergeError
 from .layout import MODULATION_MODES
 
@@ -63,40 +61,8 @@ class Progress:
                 click.echo(msg, err=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP) while working: unwound like Ctrl-C, so that no partial output is left."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextmanager
-def signals_unwind():
-    """SIGTERM and SIGHUP raise Terminated in the main thread for the duration (batch schedulers and `timeout`
-    send SIGTERM): the cleanup that Ctrl-C gets, then exit 128 + the signal's number."""
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    saved = {}
-    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            try:
-                saved[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-    try:
-        yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
-
-
 def fail(e: BaseException, debug: bool) -> None:
-    if isinstance(e, Terminated):
-        click.echo(f"error: terminated by {signal.Signals(e.signum).name}; nothing was written", err=True)
-        code = 128 + e.signum
-    elif isinstance(e, MergeError):
+    if isinstance(e, MergeError):
         click.echo(f"error: {e}", err=True)
         code = e.exit_code
     elif isinstance(e, KeyboardInterrupt):
@@ -320,7 +286,7 @@ def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSett
     if not rs.dry_run:
         preload_torch()
     try:
-        with signals_unwind():
+        with interrupts.handled():
             reports = _run(base, entries, rs)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
         fail(e, rs.debug)
@@ -479,7 +445,7 @@ def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
         xo = ExportOptions(out_dir, parse_size(max_shard_size), rs.overwrite, rs.dry_run)
         opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
                        svd_rank=rs.svd_rank, progress=Progress(not rs.quiet, "exporting"))
-        with signals_unwind():  # SIGTERM/SIGHUP clean up like Ctrl-C: no temp folder left
+        with interrupts.handled():  # SIGINT/SIGTERM/SIGHUP: no temp folder left, one line
             rep = export_diffusers(base, list(loras), opts, xo)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
         fail(e, rs.debug)

@@ -275,7 +275,8 @@ def _parse_keys(lf: LoraFile) -> tuple[Counter, Counter, set[str]]:
 def open_lora(spec: str) -> LoraFile:
     path, strength = parse_spec(spec)
     if not os.path.isfile(path):
-        raise MergeError(f"LoRA file not found: {path}")
+        hint = " (nothing after ':'; give a strength, e.g. ':0.8', or drop the colon)" if spec.endswith(":") else ""
+        raise MergeError(f"LoRA file not found: {path}{hint}")
     lf = LoraFile(path, strength, Checkpoint(path))
     try:
         prefixes, styles, peft_names = _parse_keys(lf)

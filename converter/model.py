@@ -36,6 +36,11 @@ class Model:
 
 def _quantized_layer(path: str, t: dict[str, TensorInfo], prefix: str, qweight: TensorInfo) -> Layer | None:
     bias = f"{prefix}.bias" in t
+    if qweight.dtype in ("I8", "I32"):
+        parts = {p: t.get(f"{prefix}.{p}") for p in ("qweight", "proj_down", "proj_up", "wscales", "wzeros")}
+        flat = [f"{p} {i.shape}" for p, i in parts.items() if i is not None and p != "wscales" and len(i.shape) != 2]
+        if flat:
+            raise MergeError(f"{path}: quantized layer {prefix} has {', '.join(flat)}: not a matrix")
     if qweight.dtype == "I8":
         down, up = t.get(f"{prefix}.proj_down"), t.get(f"{prefix}.proj_up")
         ws = t.get(f"{prefix}.wscales")
@@ -71,16 +76,16 @@ def inventory(ckpt: Checkpoint) -> dict[str, Layer]:
     return layers
 
 
-def parse_quant_config(meta: dict[str, str]) -> dict:
+def parse_quant_config(meta: dict[str, str], path: str = "checkpoint") -> dict:
     raw = meta.get("quantization_config")
     if raw is None:
         return {}
     try:
         qc = json.loads(raw)
-    except json.JSONDecodeError:
-        raise MergeError("checkpoint metadata 'quantization_config' is not valid JSON") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise MergeError(f"{path}: metadata 'quantization_config' is not valid JSON (or nests too deep)") from None
     if not isinstance(qc, dict):
-        raise MergeError("checkpoint metadata 'quantization_config' is not a JSON object")
+        raise MergeError(f"{path}: metadata 'quantization_config' is not a JSON object")
     return qc
 
 
@@ -105,7 +110,7 @@ def load_model(ckpt: Checkpoint) -> Model:
     if len(layouts) > 1:
         raise MergeError(f"{ckpt.path}: mixes int4 and nvfp4 SVDQ layers")
     precision = None if not layouts else ("nvfp4" if Layout.SVDQ_NVFP4 in layouts else "int4")
-    return Model(fam, layers, precision, ranks[0] if ranks else 0, parse_quant_config(ckpt.metadata),
+    return Model(fam, layers, precision, ranks[0] if ranks else 0, parse_quant_config(ckpt.metadata, ckpt.path),
                  dict(ckpt.metadata), detect_fused_smoothing(ckpt, svdq_layers))
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import __version__
+from . import __version__, interrupts
 from .errors import MergeError
 from .layers import MergeContext, kind_of
 from .lorafile import LoraFile, open_lora
@@ -225,8 +225,9 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
             o.finish()
         for ck in [base] + [lf.ckpt for j in jobs for lf in j.session.loras]:
             ck.check_unchanged()  # what was read must be what is vouched for (and hashed)
-        for o in outs:
-            o.writer.publish(replace=o.job.replace)
+        with interrupts.deferred():  # a signal now waits until every output is in place: all or nothing
+            for o in outs:
+                o.writer.publish(replace=o.job.replace)
     except BaseException:
         for o in outs:
             if o.writer is not None:

@@ -50,7 +50,7 @@ def _tensor_problems(base: Checkpoint, merged: Checkpoint) -> list[str]:
 def _json_object(raw: str | None) -> dict | None:
     try:
         qc = json.loads(raw) if raw is not None else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     return qc if isinstance(qc, dict) else None
 

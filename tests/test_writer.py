@@ -255,3 +255,24 @@ def test_planning_needs_no_torch(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_stale_temp_sweep_spares_locked_and_live_files(tmp_path):
+    """Temp files of dead writers go; a file whose pid looks dead but whose lock is held (a writer in another
+    pid namespace or host sharing the folder) stays, as does a live process's."""
+    import fcntl
+
+    out = tmp_path / "m.safetensors"
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    stale, locked, live = (tmp_path / f".m.safetensors.{pid}.x{i}.partial"
+                           for i, pid in enumerate((dead, dead, os.getppid())))
+    for p in (stale, locked, live):
+        p.write_bytes(b"partial")
+    fd = os.open(locked, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert io.remove_stale_temps(str(out)) == [stale.name]
+        assert not stale.exists() and locked.exists() and live.exists()
+    finally:
+        os.close(fd)
+    assert io.remove_stale_temps(str(out)) == [locked.name]

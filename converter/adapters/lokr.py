@@ -29,6 +29,9 @@ class Lokr(Adapter, name="lokr"):
     def validate(self) -> None:
         self.refuse_empty()
         self.refuse_tucker("lokr_t2")
+        flat = sorted(p for p in self.keys if p != "alpha" and len(self.part_shape(p)) != 2)
+        if flat:
+            raise self.fail(f"has factors that are not matrices: {', '.join(f'{p} {self.part_shape(p)}' for p in flat)}")
         for i in ("1", "2"):
             full, a, b = (f"lokr_w{i}{s}" in self.keys for s in ("", "_a", "_b"))
             if full == (a or b) or a != b:

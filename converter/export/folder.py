@@ -11,7 +11,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from ..st_writer import UMASK, remove_stale_temps
+from .. import interrupts
+from ..st_writer import UMASK, lock_temp, own_temp_prefix, remove_stale_temps
 from .tree import ExportError, OutTensor
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers utils/constants.py
@@ -115,8 +116,15 @@ class AtomicFolder:
         self.target = target
         parent, name = os.path.split(target)
         remove_stale_temps(target)
-        self.tmp: str | None = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=parent)
+        self.tmp: str | None = tempfile.mkdtemp(prefix=own_temp_prefix(target), suffix=".partial", dir=parent)
         os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; the export is an ordinary folder
+        self._lock = os.open(self.tmp, os.O_RDONLY)  # held while we write: others' stale sweeps leave it alone
+        lock_temp(self._lock)
+
+    def _unlock(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
@@ -129,7 +137,15 @@ class AtomicFolder:
 
     def commit(self, overwrite: bool) -> None:
         _fsync_path(self.tmp)
-        parent = os.path.dirname(self.target)
+        with interrupts.deferred():  # a signal between the two renames would leave no target at all
+            old = self._swap_into_place(overwrite)
+        self._unlock()
+        _fsync_path(os.path.dirname(self.target))
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _swap_into_place(self, overwrite: bool) -> str | None:
+        """Rename the temp folder to the target (an existing target first set aside); returns what was set aside."""
         old = None
         if os.path.lexists(self.target):
             if not overwrite:  # appeared while we were writing
@@ -146,11 +162,10 @@ class AtomicFolder:
                                   "was left as it is and nothing was written") from None
             raise
         self.tmp = None
-        _fsync_path(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return old
 
     def abort(self) -> None:
+        self._unlock()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
