@@ -20,7 +20,6 @@ TORCH_NAMES: dict[str, str] = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16
                                "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 STRUCT: dict[str, str] = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h", "I8": "b",
                           "U8": "B", "BOOL": "?"}
-FLOAT16 = ("BF16", "F16")  # 16-bit float dtypes of dense layers and low-rank branches
 
 
 @cache

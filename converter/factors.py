@@ -22,10 +22,6 @@ class Factors:
     def dense(self, device: str | torch.device = "cpu") -> torch.Tensor:
         return self.up.to(device) @ self.down.to(device)
 
-    @staticmethod
-    def stack(parts: list[Factors]) -> Factors:
-        return Factors(torch.cat([p.down for p in parts], 0), torch.cat([p.up for p in parts], 1))
-
 
 _PROBE_CACHE: dict[tuple[int, int], torch.Tensor] = {}
 

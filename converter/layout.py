@@ -31,10 +31,6 @@ class Layout(str, Enum):
     def is_svdq(self) -> bool:
         return self in (Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)
 
-    @property
-    def is_quantized(self) -> bool:
-        return self.is_svdq or self == Layout.AWQ_W4A16
-
 
 @dataclass(frozen=True)
 class Layer:

@@ -26,6 +26,11 @@ def round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
+def rank_needed(op: LayerOp, svd_rank: int) -> int:
+    """The uniform-rank room a layer's LoRA part asks for: its exact parts, or the SVD budget of dense ones."""
+    return max(op.added_rank, op.kind.dense_rank(op, svd_rank))
+
+
 @dataclass
 class Contribution:
     """One adapter's effect on one checkpoint layer."""
@@ -116,8 +121,7 @@ class Plan:
         return shape
 
     def rank_needed(self, op: LayerOp) -> int:
-        """The uniform-rank room this layer's LoRA part asks for (exact parts, or the SVD budget)."""
-        return max(op.added_rank, op.kind.dense_rank(op, self.svd_rank))
+        return rank_needed(op, self.svd_rank)
 
     def touched_keys(self) -> set[str]:
         out: set[str] = set()
@@ -285,7 +289,7 @@ def _new_rank(model: Model, ops: dict[str, LayerOp], max_rank: int | None, svd_r
     build), with --max-rank as the way out."""
     if svd_rank % 16 or svd_rank <= 0:
         raise MergeError(f"--svd-rank must be a positive multiple of 16, got {svd_rank}")
-    added = max((max(op.added_rank, op.kind.dense_rank(op, svd_rank)) for op in ops.values()), default=0)
+    added = max((rank_needed(op, svd_rank) for op in ops.values()), default=0)
     new_rank = round16(model.rank + added) if added else model.rank
     dense = sorted(p for p, op in ops.items() if op.has_dense and op.kind.dense_rank(op, svd_rank))
     if dense:
