@@ -58,3 +58,28 @@ def test_cuda_matches_cpu(tmp_path):
                 assert torch.allclose(x.float(), y.float(), rtol=2e-2, atol=1e-3), k
             else:
                 assert torch.equal(x, y), k
+
+
+@cuda
+def test_cuda_matches_cpu_for_dense_updates(tmp_path):
+    """Full diffs and DoRA (truncated SVD on W4A4, exact on bf16, requantized on modulation) on the GPU."""
+    import adapter_oracles as O
+
+    p = tmp_path / "b.safetensors"
+    truth = build_qwen_checkpoint(p, blocks=1, dim=256)
+    specs = {"transformer_blocks.0.img_mlp.net.2": O.random_full_diff(256, 1024, bias=False, seed=1),
+             "img_in": O.random_lora_dora(256, 64, rank=4, base_weight=truth["dense"]["img_in.weight"].float(), seed=2),
+             "transformer_blocks.0.img_mod.1": O.random_full_diff(1536, 256, bias=False, seed=3, target_rms=0.05)}
+    lp = tmp_path / "d.safetensors"
+    O.write_adapter_file(lp, specs, "lycoris-prefix")
+    reps = {}
+    for dev in ("cpu", "cuda"):
+        res = CliRunner().invoke(main, [str(p), str(lp), "-o", str(tmp_path / f"{dev}.safetensors"), "--json",
+                                        "--device", dev])
+        assert res.exit_code == 0, res.output
+        reps[dev] = {l["layer"]: l for l in json.loads(res.stdout)["layers"]}
+    for name, l in reps["cpu"].items():
+        g = reps["cuda"][name]
+        for key in ("captured", "rel_error", "e_mod"):
+            if key in l:
+                assert abs(l[key] - g[key]) < 5e-3, (name, key, l[key], g[key])
