@@ -178,7 +178,7 @@ def test_over_large_lokr_goes_in_by_svd(tmp_path):
     """ai-toolkit's Z-Image LoKr: both factors full, alpha 9999999999 (ignored), exact rank above half the
     layer: stored by truncated SVD with its captured fraction."""
     p = tmp_path / "svdq-int4_r32-z.safetensors"
-    truth = build_zimage_checkpoint(p, layers=1, dim=384, rank=32, seed=2)
+    build_zimage_checkpoint(p, layers=1, dim=384, rank=32, seed=2)
     specs = {"layers.0.attention.to_q": O.random_lokr(384, 384, layout="both_full", seed=1),
              "layers.0.feed_forward.w2": O.random_lokr(384, 1024, layout="w1_full+w2_lowrank", rank=4, alpha=4.0,
                                                          seed=2)}

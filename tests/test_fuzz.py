@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-import hypothesis.configuration  # noqa: E402
+import hypothesis.configuration  # noqa: E402,F811 - the submodule, after importorskip
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from lora_builders import FORMATS, lora_keys  # noqa: E402
 
-# converter internals used here, in one place for the refactor: the parsers (header, checkpoint inventory, LoRA
+# converter internals used here, in one place: the parsers (header, checkpoint inventory, LoRA
 # keys, LORA argument, batch plan) and the error type. The properties also read: Checkpoint .tensors (TensorInfo
 # .dtype .shape .start .nbytes), .read_bytes, .metadata, .keys; LoraFile .ckpt .modules (LoraModule .name .keys
 # .adapters) .ignored .unsupported; Adapter .rank .shape .scale .title; Model .rank
