@@ -188,8 +188,13 @@ def merge_cmd(base, loras, output, **settings):
     in place; AWQ modulation layers are requantized (see --mod) and each layer's fidelity is reported.
 
     \b
+    Adapters: LoRA (every common key format), LyCORIS/PEFT LoKr and LoHa (exact on W4A4 layers), DoRA and
+    full diffs (exact on 16-bit layers, truncated SVD on W4A4 layers: see --svd-rank).
+
+    \b
     Exit codes: 0 merged (or planned); 2 bad input; 3 LoRA keys without a target (see --allow-unmapped);
-    1 internal error. An existing OUTPUT is refused without --overwrite; nothing partial is ever left.
+    130 interrupted; 128+n terminated by signal n (143: SIGTERM); 1 internal error. An existing OUTPUT is
+    refused without --overwrite; nothing partial is ever left.
 
     \b
     Examples:
