@@ -197,10 +197,27 @@ def _number(v) -> bool:
 def peft_config(meta: dict[str, str], name: str) -> PeftConfig | None:
     """The first adapter config found in `lora_adapter_metadata` (it may be nested, e.g. under "transformer").
     A broken one is refused: its alpha may be what scales the whole file."""
+    return _first_config(meta.get("lora_adapter_metadata") or "null", f"{name}: its metadata lora_adapter_metadata")
+
+
+def peft_config_beside(path: str) -> PeftConfig | None:
+    """PEFT's `save_pretrained` keeps alpha and r in `adapter_config.json` next to `adapter_model.safetensors`."""
+    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+    if not os.path.isfile(cfg):
+        return None
     try:
-        stack = [json.loads(meta.get("lora_adapter_metadata") or "null")]
+        with open(cfg, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeError(f"cannot read {cfg}: {e}") from None
+    return _first_config(text, cfg)
+
+
+def _first_config(text: str, what: str) -> PeftConfig | None:
+    try:
+        stack = [json.loads(text)]
     except (json.JSONDecodeError, RecursionError):
-        raise MergeError(f"{name}: its metadata lora_adapter_metadata is not valid JSON (or nests too deep)") from None
+        raise MergeError(f"{what} is not valid JSON (or nests too deep)") from None
     while stack:
         d = stack.pop(0)
         if not isinstance(d, dict):
@@ -284,6 +301,8 @@ def open_lora(spec: str) -> LoraFile:
             raise UnsupportedFormat(f"{lf.name}: holds several PEFT adapters ({', '.join(sorted(peft_names))}); "
                                     "save one adapter per file")
         lf.peft = peft_config(lf.ckpt.metadata, lf.name)
+        if lf.peft is None and prefixes.get("base_model.model."):  # a PEFT save_pretrained folder
+            lf.peft = peft_config_beside(path)
         types: Counter = Counter()
         for mod in lf.modules.values():
             mod.adapters, mod.leftover = adapters.claim(lf, mod.name, mod.keys)

@@ -306,3 +306,25 @@ def test_absurd_rank_is_refused_before_writing(qwen, tmp_path):
     assert rep["rank"]["to"] == 256
     qkv = next(l for l in rep["layers"] if l["layer"] == "transformer_blocks.0.attn.to_qkv")
     assert qkv["rank_kept"] == 256 - 32 and 0 < qkv["truncation_error"] < 1
+
+
+def test_peft_folder_without_metadata_takes_alpha_from_adapter_config(qwen, tmp_path):
+    """PEFT's save_pretrained: adapter_model.safetensors without alpha, adapter_config.json beside it."""
+    base, truth = qwen
+    specs = {m: O.random_lokr(*shape, layout="both_lowrank", rank=4, alpha=3.0, seed=i)
+             for i, (m, shape) in enumerate(list(W4A4.items())[:2])}
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    lp = folder / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    O.write_adapter_file(lp, specs, "peft")
+    save_file(load_file(str(lp)), str(lp))  # the same tensors, without the lora_adapter_metadata key
+    out = tmp_path / "o.safetensors"
+    run(base, lp, "-o", out, "-q")  # without the config: scale 1 (alpha = r), not what PEFT applies
+    m0 = next(iter(specs))
+    assert w4a4_error(base, out, truth, m0, expected(specs[m0])) > 0.1
+    O.write_peft_config(folder, specs)
+    run(base, lp, "-o", out, "-q", "--overwrite")
+    for m, spec in specs.items():
+        assert w4a4_error(base, out, truth, m, expected(spec)) <= 1e-2
