@@ -82,6 +82,11 @@ class LayerOp:
         return any(c.adapter.needs_base for c in self.contributions)
 
     @property
+    def smoothed(self) -> bool:
+        """Smoothing fused upstream rescales this layer's input columns or some of its output rows."""
+        return bool(self.input_smoothing or self.output_smoothing)
+
+    @property
     def has_dense(self) -> bool:
         """Some weight update is taken as a dense ΔW (not low-rank by construction, or too large a rank)."""
         return any(not c.low_rank for c in self.weight_contributions)

@@ -38,23 +38,23 @@ def lowrank_factors(op: LayerOp, ck=None) -> Factors | None:
     low = [(i, c) for i, c in enumerate(op.contributions) if c.low_rank]
     if not low:
         return None
-    col: dict[int, int] = {}
+    first_column: dict[int, int] = {}
     start = 0
     for i, c in low:
         if c.shares_down_with is None:
-            col[i] = start
+            first_column[i] = start
             start += c.rank
     lay = op.layer
     down = torch.empty(start, lay.in_features)
     up = torch.zeros(lay.out_features, start)
     for i, c in low:
         f = c.adapter.factors()
-        j = col[c.shares_down_with if c.shares_down_with is not None else i]
+        j = first_column[c.shares_down_with if c.shares_down_with is not None else i]
         if c.shares_down_with is None:
             down[j:j + c.rank] = f.down
         for s in c.segments:
             up[s.target_start:s.target_start + s.rows, j:j + c.rank] += f.up[s.lora_start:s.lora_start + s.rows]
-    if op.input_smoothing or op.output_smoothing:
+    if op.smoothed:
         col, row = runtime_scales(op, ck)
         if col is not None:
             down *= col
@@ -66,7 +66,7 @@ def lowrank_factors(op: LayerOp, ck=None) -> Factors | None:
 def dense_delta(op: LayerOp, device: str = "cpu", base: torch.Tensor | None = None, *, ck=None) -> torch.Tensor | None:
     """ΔW (O, I) or (O,) for a 1-D parameter, fp32, of the weight contributions, exact low-rank ones included.
     `base`: the layer's current (stored) weight, for adapters that need it (DoRA)."""
-    col, row = runtime_scales(op, ck) if op.input_smoothing or op.output_smoothing else (None, None)
+    col, row = runtime_scales(op, ck) if op.smoothed else (None, None)
     if base is not None and (col is not None or row is not None):
         base = base / (row[:, None] if row is not None else 1) / (col if col is not None else 1)
     out = None

@@ -124,8 +124,7 @@ def _lowrank_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int)
     from .deltas import lowrank_factors
 
     rank = LowRankAppend.added_rank(op)
-    smoothed = op.input_smoothing or op.output_smoothing
-    direct = _direct_parts(op, dtype, _round16(rank)) if rank <= room and not smoothed else None
+    direct = _direct_parts(op, dtype, _round16(rank)) if rank <= room and not op.smoothed else None
     if direct is not None:  # the common case: no fp32 factors at all
         d_add, u_add, err = direct
         return check_finite(op.layer.prefix, d_add), check_finite(op.layer.prefix, u_add), \
