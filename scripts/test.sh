@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install the package and the test-only oracles, then run the test suite:
-#   deepcompressor-toolkit (the packed layouts; its declared dependencies do not resolve: --no-deps),
-#   lycoris-lora and peft (LoKr / LoHa / DoRA reconstruction), diffusers (its Nunchaku Lite loader),
-#   hypothesis (fuzzing), matplotlib (verify --plot). None of them is a runtime dependency.
+# Install the package and the test-only packages, then run the test suite.
+# The test-only packages (deepcompressor-toolkit: the packed layouts; lycoris-lora and peft: LoKr / LoHa / DoRA
+# reconstruction; diffusers: its Nunchaku Lite loader; hypothesis: fuzzing; matplotlib: verify --plot) and
+# everything they pull in come from tests/requirements-test.lock at exact versions, installed with --no-deps, so a
+# fresh machine gets the same environment whatever was released since. None of them is a runtime dependency.
+# Refresh the lock with scripts/lock.sh.
 source "$(dirname "$0")/_env.sh"
-"$VPY" -c "import pytest" >/dev/null 2>&1 || pipq "pytest>=7"
-"$VPY" -c "import deepcompressor.backend.nunchaku.utils" >/dev/null 2>&1 || pipq --no-deps deepcompressor-toolkit==0.1.0
-"$VPY" -c "import lycoris, peft, diffusers, hypothesis, matplotlib" >/dev/null 2>&1 || \
-  pipq "lycoris-lora==4.1.3" "peft==0.21.2" "diffusers==0.42.1" "hypothesis>=6" "matplotlib>=3.5"
+LOCK="$ROOT/tests/requirements-test.lock"
+STAMP="$ROOT/.venv/test-lock.sha256"
+want="$(sha256sum "$LOCK" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  pipq --no-deps -r "$LOCK"
+  echo "$want" > "$STAMP"
+fi
 exec "$VPY" -m pytest -q "$@"

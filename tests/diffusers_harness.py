@@ -3,8 +3,8 @@
 diffusers' Nunchaku Lite quantizer module imports the `kernels` package and fetches its CUDA kernels from a model
 hub at import time (quantizers/nunchaku/utils.py), and its quantizer refuses a machine without a suitable GPU
 (NunchakuLiteQuantizer.validate_environment). Loading calls no kernel op, so:
-* `install_kernels_standin()` puts a stand-in `kernels` module (and an importlib.metadata entry, which diffusers'
-  availability check also reads) in place BEFORE diffusers is imported; its ops raise if ever called;
+* `install_kernels_standin()` imports that module with a stand-in `get_kernel` (its ops raise if ever called);
+  an installed `kernels` package is never shadowed for other importers (transformers imports it too);
 * `fake_cuda(capability)` answers the two torch.cuda queries validate_environment asks, during a load only.
 Everything else (replace_with_nunchaku_linear, check_strict_state_dict_match, from_pretrained) is diffusers' own.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.util
 import importlib.metadata as md
 import json
 import os
@@ -55,12 +56,35 @@ class _KernelsFinder(md.DistributionFinder):
 
 
 def install_kernels_standin() -> None:
-    """Idempotent. If diffusers was imported first, its import-time flags are set as the stand-in would have."""
+    """Make diffusers' Nunchaku Lite quantizer module importable offline. Idempotent.
+
+    Where the real `kernels` package is installed (transformers imports it too), it is never shadowed: its
+    `get_kernel` is swapped for the stand-in only while diffusers' quantizer module is imported (that module binds
+    the name at import and calls it once), then restored, so every other importer gets the real package.
+    Only where no `kernels` is installed, a stand-in module (and an importlib.metadata entry, which diffusers'
+    availability check reads) takes its place: then there is nothing it could shadow.
+    """
     os.environ["DIFFUSERS_TRUST_REMOTE_KERNELS"] = "true"
     os.environ.pop("DIFFUSERS_DISABLE_REMOTE_CODE", None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    mod = sys.modules.get("kernels")
-    if getattr(mod, "__standin__", False):
+    if "diffusers.quantizers.nunchaku.utils" in sys.modules:
+        return
+    if importlib.util.find_spec("kernels") is not None and not getattr(sys.modules.get("kernels"), "__standin__", 0):
+        import kernels
+
+        real = kernels.get_kernel
+        kernels.get_kernel = _get_kernel
+        try:
+            _import_quantizer()
+        finally:
+            kernels.get_kernel = real
+        return
+    _install_module_standin()
+    _import_quantizer()
+
+
+def _install_module_standin() -> None:
+    if getattr(sys.modules.get("kernels"), "__standin__", False):
         return
     kernels = types.ModuleType("kernels")
     kernels.__spec__ = importlib.machinery.ModuleSpec("kernels", loader=None)  # importlib.util.find_spec reads it
@@ -70,11 +94,17 @@ def install_kernels_standin() -> None:
     sys.modules["kernels"] = kernels
     sys.meta_path.append(_KernelsFinder())  # after the real finders: an installed `kernels` still answers first
     if "diffusers" in sys.modules:  # too late for its import-time checks: give them the values they would have had
-        import diffusers.utils.constants as constants
         import diffusers.utils.import_utils as iu
 
         iu._kernels_available, iu._kernels_version = True, KERNELS_VERSION
-        constants.DIFFUSERS_TRUST_REMOTE_KERNELS = True
+
+
+def _import_quantizer() -> None:
+    """Import diffusers' quantizer module now, with the trust flag it reads at import set as the env var says."""
+    import diffusers.utils.constants as constants
+
+    constants.DIFFUSERS_TRUST_REMOTE_KERNELS = True  # read at diffusers' import: it may have come first
+    import diffusers.quantizers.nunchaku.utils  # noqa: F401 - calls get_kernel once, at import
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ import torch
 
 from diffusers_harness import install_kernels_standin, load_as_readme_shows, quantized_skeleton
 
-install_kernels_standin()  # before diffusers is imported: its quantizer module needs `kernels` at import
 diffusers = pytest.importorskip("diffusers")
+install_kernels_standin()  # its quantizer module fetches kernels at import: a stand-in get_kernel, offline
 pytest.importorskip("accelerate")  # diffusers' quantized loading builds the model with it
 
 from deepcompressor.backend.tinychat.utils import pack_w4  # noqa: E402

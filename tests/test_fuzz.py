@@ -19,7 +19,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,14 @@ from converter.model import load_model  # noqa: E402
 from converter.st_reader import Checkpoint  # noqa: E402
 
 LONG = int(os.environ.get("QWENLORA_FUZZ_EXAMPLES", "0") or 0)
-# no .hypothesis/ folder in the checkout (failing-example patches go to a temp folder)
-if hasattr(hypothesis.configuration, "set_hypothesis_home_dir"):
-    hypothesis.configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "qwenlora-merge-hypothesis")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hypothesis_home(tmp_path_factory):
+    """No .hypothesis/ folder in the checkout and none outside pytest's temp folders: the examples database is off
+    (database=None below) and failing-example patches go to this module's own temp folder."""
+    if hasattr(hypothesis.configuration, "set_hypothesis_home_dir"):
+        hypothesis.configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
 
 
 def fuzz(ci_examples: int):
