@@ -527,5 +527,6 @@ def render_verify(res) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - `python -m converter` installs the signal handler sooner
+    interrupts.install()
     main(prog_name="qwenlora-merge")

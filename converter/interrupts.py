@@ -3,8 +3,12 @@ schedulers, a closed terminal).
 
 The handler does not raise: an exception raised at an arbitrary bytecode (right after a temp file was made but
 before its writer is held, or inside a lock the writer threads share) can leave a temp file behind or deadlock.
-It deletes this process's temp files by their pid-tagged names (st_writer.own_temp_prefix), writes one line
-and exits: 130 for SIGINT, 128 + the signal's number otherwise. Inside `deferred()` (moving finished outputs
+Nor does it import anything: a signal can land in the middle of an import, and importing from a half-initialised
+module fails. It runs the cleanups registered with `add_cleanup` (st_writer registers the removal of this
+process's pid-tagged temp files when it is imported; before that no temp file can exist), writes one line and
+exits: 130 for SIGINT, 128 + the signal's number otherwise. The console script installs it (`install`) before it
+imports anything else of the tool, so a signal at any moment after the interpreter started running the tool ends
+the same way. Inside `deferred()` (moving finished outputs
 into place) a signal waits for the section to end, so that an output is never left half-renamed; it then exits
 saying the outputs were written.
 """
@@ -14,18 +18,28 @@ from __future__ import annotations
 import os
 import signal
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 EXIT_INTERRUPTED = 130
-_state = {"depth": 0, "pending": None}
+_state = {"depth": 0, "pending": None, "published": False}
+AFTER_PUBLISH = "the outputs had been written and are complete"
+_cleanups: list[Callable[[], None]] = []
+
+
+def add_cleanup(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` (it must not raise, lock or import) before the process exits on a signal."""
+    if cleanup not in _cleanups:
+        _cleanups.append(cleanup)
 
 
 def _exit(signum: int, what: str) -> None:
-    from .st_writer import remove_own_temps
-
     for sig in _signals():
         signal.signal(sig, signal.SIG_IGN)
-    remove_own_temps()
+    for cleanup in list(_cleanups):
+        try:
+            cleanup()
+        except BaseException:  # noqa: BLE001 - exiting anyway; a failed cleanup must not turn into a traceback
+            pass
     name = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
     os.write(2, f"error: {name}; {what}\n".encode())
     os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
@@ -35,11 +49,24 @@ def _handler(signum: int, frame) -> None:
     if _state["depth"]:
         _state["pending"] = signum
         return
-    _exit(signum, "nothing was written")
+    _exit(signum, AFTER_PUBLISH if _state["published"] else "nothing was written")
 
 
 def _signals() -> list[int]:
     return [s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None]
+
+
+def install() -> None:
+    """Install the handler for the rest of the process (the console script's first step)."""
+    for sig in _signals():
+        signal.signal(sig, _handler)
+
+
+def block_at_exit() -> None:
+    """The process is done (its exit code is decided): block the signals, so that one arriving while the
+    interpreter shuts down (which puts the default actions back) cannot kill a finished run with a signal status."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _signals())
 
 
 @contextmanager
@@ -66,6 +93,7 @@ def deferred() -> Iterator[None]:
     try:
         yield
         done = True
+        _state["published"] = True
     finally:
         _state["depth"] -= 1
         pending = _state["pending"] if not _state["depth"] else None

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Union
 
-from . import dtypes
+from . import dtypes, interrupts
 from .errors import MergeError
 from .posio import pwrite_all as _pwrite_all
 from .st_reader import Checkpoint, TensorInfo
@@ -262,6 +262,9 @@ def remove_own_temps() -> None:
                     shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
                 except OSError:
                     pass
+
+
+interrupts.add_cleanup(remove_own_temps)
 
 
 def remove_stale_temps(path: str) -> list[str]:

@@ -14,7 +14,7 @@ converter's parser:
 ``formula_delta`` is the textbook formula of each adapter (kron / Hadamard / DoRA row or column norm),
 with the scale conventions of LyCORIS, PEFT and ComfyUI written out; it is for cross-checks, not the
 oracle.  ``selfcheck()`` (``python tests/adapter_oracles.py``) checks libraries against each other and
-against the formulas; see /work/scratch/adapters/NOTES.md for the conventions with citations.
+against the formulas; the README's adapter section states the conventions.
 
 Public API
 ----------

@@ -2,7 +2,7 @@
 
 Shared by tests/test_faults.py (one test per case) and scripts/faults.sh (a Markdown table for the README's
 reliability section, through scripts/faults_table.py). Behaviour is what is tested: nothing here imports the
-converter; the command is `python -m converter.cli` from this checkout, or QWENLORA_MERGE_CMD (e.g. the
+converter; the command is `python -m converter` from this checkout, or QWENLORA_MERGE_CMD (e.g. the
 installed console script `qwenlora-merge`).
 
 What every case asserts (see `problems`): the exit code; exactly one stderr line starting `error:`, naming the
@@ -14,11 +14,10 @@ cases that rewrite an input on purpose, identical to what the case itself left t
 Proposed behaviour after SIGKILL (it cannot be caught): the output path holds nothing and the inputs are
 unchanged; one temp file of the dead process may remain (the `sigkill@...` cases allow exactly that), and the
 next run writing the same output removes it (case `sigkill-then-rerun`; HEAD tells a stale temp file by the dead
-pid in its name, /work/scratch/faults/FIXES.md proposes a lock instead).
+pid in its name and spares a temp file another live process holds a lock on).
 
 A case known to fail gets `today="why"`: tests/test_faults.py marks it xfail(strict=True) until it is fixed. None
-has one now: all 43 hold on HEAD 46a9fd5 plus /work/scratch/faults/fixes.patch (FIXES.md lists what failed on
-earlier commits, with the reasons to restore if that patch were dropped).
+has one now.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ BIG_ARGS = ("--mod", "skip")  # the write-phase merges: W4A4 and 16-bit layers o
 def cli_command() -> list[str]:
     """QWENLORA_MERGE_CMD (shell words, e.g. `.venv/bin/qwenlora-merge`), else this checkout's module."""
     cmd = os.environ.get("QWENLORA_MERGE_CMD")
-    return shlex.split(cmd) if cmd else [sys.executable, "-m", "converter.cli"]
+    return shlex.split(cmd) if cmd else [sys.executable, "-m", "converter"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -732,6 +731,85 @@ def run_signal(point: str, sig: int) -> Callable[[Ctx], Outcome]:
     return run
 
 
+# Signals in the first second: while the tool imports its modules, reads the headers and plans, before any temp
+# file exists. Each instant is counted from the moment the tool's handler is in place, read from the kernel's
+# /proc/<pid>/status SigCgt mask (before that the interpreter itself is starting: Python's own defaults apply).
+EARLY_STEP, EARLY_END = 0.05, 1.0
+
+
+def _handler_installed(pid: int, timeout: float = 30.0) -> bool:
+    """Wait until `pid` catches SIGHUP (its SigCgt bit is set), the last of the three signals the tool's handler
+    takes (SIGINT alone would not do: the interpreter catches it from its start); False if it exited first."""
+    status, bit = Path(f"/proc/{pid}/status"), 1 << (signal.SIGHUP - 1)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            line = next(l for l in status.read_text().splitlines() if l.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return False
+        if int(line.split()[1], 16) & bit:
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def run_signal_early(sig: int, step: float = EARLY_STEP) -> Callable[[Ctx], Outcome]:
+    """One merge per instant 0, step, 2 step, ... EARLY_END s after the handler is in place, each signalled then.
+    A merge that already finished (on a fast machine the last instants can come after the output was published)
+    must say so and leave a complete output, which is then removed for the next instant. The outcome is the first
+    run that broke a rule (or the last run); the note counts the exits."""
+    def run(ctx: Ctx) -> Outcome:
+        if not Path("/proc/self/status").exists():
+            return Outcome(skipped="needs /proc/<pid>/status (Linux) to know when the handler is in place")
+        ctx.watch(ctx.inputs.big, ctx.inputs.big_lora)
+        instants = [round(i * step, 3) for i in range(int(round(EARLY_END / step)) + 1)]
+        exits: dict[str, int] = {}
+        worst, finished = None, 0
+        for at in instants:
+            one = ctx.finish(_signal_early_once(ctx, sig, at))
+            exits[one.exit_text] = exits.get(one.exit_text, 0) + 1
+            if one.output_left and _finished_run_ok(one):
+                finished += 1
+                ctx.out.unlink()
+                continue
+            if worst is None and _early_broke(one):
+                worst, one.note = one, f"at {at:.2f} s after the handler was installed"
+        o = worst or one
+        o.exit_text = ", ".join(f"{k} x{v}" for k, v in exits.items())
+        o.note = (f"{len(instants)} instants 0-{EARLY_END:.1f} s after the handler was installed"
+                  + (f", {finished} after the output was complete (said so)" if finished else "")
+                  + (f"; first failure {o.note}" if worst else ""))
+        return o
+    return run
+
+
+def _finished_run_ok(o: Outcome) -> bool:
+    """A signal after the merge published its output: one error line saying the output is complete, and it is."""
+    return (bool(o.output_valid) and len(o.error_lines) == 1 and re.search(r"written", o.error_lines[0]) is not None
+            and not o.temps)
+
+
+def _early_broke(o: Outcome) -> bool:
+    return bool(o.output_left or o.temps or o.extra or len(o.error_lines) != 1 or "Traceback" in o.stderr
+                or "internal error" in o.stderr or o.rc not in (130, 143, 129))
+
+
+def _signal_early_once(ctx: Ctx, sig: int, at: float) -> Outcome:
+    proc = spawn(merge_args(ctx.inputs.big, [ctx.inputs.big_lora], ctx.out, *BIG_ARGS))
+    o = Outcome(offender=[ctx.out])
+    if not _handler_installed(proc.pid):
+        o.extra.append("the handler was never installed (or the merge ended first)")
+    else:
+        time.sleep(at)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        else:
+            o.extra.append(f"the merge ended before {at:.2f} s: no signal sent")
+    o.rc, o.stderr = collect(proc)
+    o.exit_text = exit_text(o.rc)
+    return o
+
+
 # A separate process (no GIL shared with the test's threads) blocks on inotify and SIGSTOPs the merge the moment
 # its temp file is created: the merge is then stopped microseconds after mkstemp(), before its writer exists.
 _WATCHER = r"""
@@ -940,14 +1018,20 @@ CASES: list[Case] = [
            allow_temp=True, heavy=True) for p, d in _POINT_TEXT],
     Case("sigkill-then-rerun", "SIGKILL, then the same merge again: the stale temp file must go",
          run_kill_then_rerun, exit=(0,), want_output=True, heavy=True),
-    *[Case(f"sigterm@{p}", f"SIGTERM {d}", run_signal(p, signal.SIGTERM), exit=(130, 143, -signal.SIGTERM),
+    *[Case(f"sigterm@{p}", f"SIGTERM {d}", run_signal(p, signal.SIGTERM), exit=(143,),
            cause=_SIG_CAUSE, names=False, heavy=True) for p, d in _POINT_TEXT],
     Case("sigint@mid", "SIGINT (Ctrl-C) with half the base's size written",
          run_signal("mid", signal.SIGINT), exit=(130,), cause=_SIG_CAUSE, names=False, heavy=True),
     *[Case(f"{name}@create", f"{name.upper()} the moment the temp file is created (an inotify watcher stops the "
            "merge within microseconds; up to 6 attempts)", run_signal_at_create(sig), exit=codes, cause=_SIG_CAUSE,
            names=False, heavy=True) for name, sig, codes in (
-        ("sigterm", signal.SIGTERM, (130, 143, -signal.SIGTERM)), ("sigint", signal.SIGINT, (130,)))],
+        ("sigterm", signal.SIGTERM, (143,)), ("sigint", signal.SIGINT, (130,)))],
+    # signals in the first second: imports, headers, plan (before any temp file exists)
+    *[Case(f"{name}@first-second", f"{name.upper()} at every {step:.2f} s from 0 to {EARLY_END:.0f} s after the "
+           "handler is in place (importing, reading headers, planning, loading torch)", run_signal_early(sig, step),
+           exit=(code,), cause=_SIG_CAUSE, names=False, heavy=True) for name, sig, code, step in (
+        ("sigint", signal.SIGINT, 130, EARLY_STEP), ("sigterm", signal.SIGTERM, 143, EARLY_STEP),
+        ("sighup", signal.SIGHUP, 129, 2 * EARLY_STEP))],
     # inputs changing under a running merge (in place, once the merge has started writing)
     Case("base-truncated-while-read", "the base truncated to its header during the merge",
          run_changed_while_read("base", "truncated"), cause=r"changed|truncated|shr[ai]nk|end of (the )?file",

@@ -4,7 +4,7 @@ The cases live in fault_cases.py (shared with scripts/faults.sh, which prints th
 asserts, for its case: the exit code; one `error:` line naming the offending file and the cause; no traceback;
 no file at the output path; no temp file left; the base and the LoRAs byte-identical before and after.
 A case with `today="why"` in fault_cases.py is marked xfail(strict=True): known to fail, until it is fixed (none
-is now; /work/scratch/faults/FIXES.md has what failed before, why, and the fixes).
+is now).
 
 The cases are independent subprocess runs (most of their time is importing torch), so the module runs the
 selected ones concurrently in a fixture, one worker per core (at most 4), and each test checks its own outcome.
@@ -16,7 +16,7 @@ import pytest
 
 from fault_cases import CASE_BY_ID, CASES, make_inputs, problems, run_cases
 
-# converter internals used here: none (the matrix drives `python -m converter.cli` / QWENLORA_MERGE_CMD)
+# converter internals used here: none (the matrix drives `python -m converter` / QWENLORA_MERGE_CMD)
 
 
 def _param(case):

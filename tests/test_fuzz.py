@@ -8,7 +8,7 @@ Bounded and deterministic by default (derandomized, a few seconds per test); a l
     QWENLORA_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider
 
 The @example inputs run first, every time: each broke a parser on some commit (a traceback instead of one `error:`
-line, or a file accepted that must not be; /work/scratch/faults/FIXES.md). A property known to fail is marked
+line, or a file accepted that must not be). A property known to fail is marked
 xfail(strict=True) with its failing input among the examples, so that the mark cannot flip by chance; none is now.
 Hypothesis is a test-only dependency; without it these tests are skipped.
 """
