@@ -97,6 +97,21 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # -- (1) stock diffusers loads it, strictly ------------------------------------------------------------------------
+
+def test_harness_leaves_an_installed_kernels_package_alone():
+    """The stand-in may never shadow a real `kernels` that other libraries import (transformers >= 5 imports names
+    from it): with the real package installed, it stays in sys.modules and transformers' integration imports."""
+    import importlib.machinery
+    import sys
+
+    if importlib.machinery.PathFinder.find_spec("kernels") is None:  # on sys.path, whatever sys.modules holds
+        pytest.skip("no real kernels package installed")
+    kernels = sys.modules.get("kernels") or __import__("kernels")
+    assert not getattr(kernels, "__standin__", False)
+    assert kernels.get_kernel.__module__ != "diffusers_harness"
+    pytest.importorskip("transformers")
+    import transformers.integrations.hub_kernels  # noqa: F401 - failed with ImportError under the old stand-in
+
 def test_stock_diffusers_loads_the_export_strictly(exported):
     folder, _, truth = exported
     transformer, info = load_as_readme_shows(folder, CLASSES[truth["family"]])  # the README's snippet, as written
