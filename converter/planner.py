@@ -323,7 +323,7 @@ def _dense_kinds(ops: dict[str, LayerOp], names: list[str]) -> str:
 def _plan_smoothing(model: Model, ops: dict[str, LayerOp]) -> None:
     """Layers whose smoothing deepcompressor fused upstream (smooth_factor all ones, smooth_factor_orig = s)
     see the input x / s, and the rows that produce their input hold their true output divided by s (the
-    V rows of the q/k/v projections for an attention output). Merged exactly as nunchaku-format.md §2.4
+    V rows of the q/k/v projections for an attention output). Merged exactly as docs/format.md §7
     says: A' = A·diag(s) on the layer, B' = diag(1/s)·B (and Δb / s) on the producer rows. Where the family
     does not know the producers, refuse rather than merge silently wrong."""
     for p in sorted(model.fused_smoothing):

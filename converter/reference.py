@@ -1,5 +1,5 @@
-"""CPU reference forwards built from the packed tensors with our codecs (the maths of nunchaku-format.md §2.3
-and §3). Used by `verify` and the tests; slow but obviously right.
+"""CPU reference forwards built from the packed tensors with our codecs (the maths of docs/format.md §5 and
+§8). Used by `verify` and the tests; slow but obviously right.
 
 SVDQ W4A4:  y = ((x ⊘ s)·Ŵᵀ) ⊙ wcscales + bias + (x·Dᵀ)·Uᵀ
             Ŵ[n,k] = q[n,k]·wscales[n,k//64] (int4) or e2m1(q)·fp8(wscales[n,k//16])·wtscale (nvfp4)

@@ -541,7 +541,7 @@ def _lycoris_forward_delta(mod: nn.Module, base: Tensor, multiplier: float) -> T
     Mirrors LokrModule._rebuild_forward (lokr.py:560-576), LohaModule.forward (loha.py:315-328) and
     LoConModule.forward (locon.py:325-348) using the modules' own methods.  Deliberately NOT
     get_diff_weight / get_merged_weight / merge_to: for LoKr and LoHa those apply alpha/r twice
-    (lokr.py:381-395 on top of get_weight's scale; loha.py:230-244) -- see NOTES.md.
+    (lokr.py:381-395 on top of get_weight's scale; loha.py:230-244) -- see docs/format.md §11.
     """
     from lycoris.modules.full import FullModule
     from lycoris.modules.locon import LoConModule
@@ -713,7 +713,7 @@ def expected_delta(spec: AdapterSpec, base_weight: Tensor | None = None, *, libr
                            LyCORIS module classes cannot hold (w1 low-rank + w2 full; a low-rank half
                            whose rank is >= half its larger side).
     ``multiplier`` is the library's own strength mechanism (LyCORIS ``multiplier``, PEFT
-    ``scale_layer``); for DoRA the libraries disagree on what strength means (NOTES.md).
+    ``scale_layer``); for DoRA the libraries disagree on what strength means (docs/format.md §11).
     """
     base = _base(spec, base_weight)
     if library == "peft":

@@ -2,7 +2,7 @@
 
 Every packed tensor is produced by deepcompressor's packers (a third party, test-only oracle), so the
 layouts are independent of our own codecs. Key names, dtypes and the metadata contract follow
-shared/docs/nunchaku-format.md sections 1-4.
+docs/format.md §1, §2, §3, §8 and §10.
 
 Public API
 ----------

@@ -1,6 +1,6 @@
 """The test fixtures themselves: built checkpoints load, the loader emulation rejects broken files, the
-builders' truth agrees with the packed bytes (decoded with the closed-form formulas of
-shared/docs/nunchaku-format.md, written independently of converter/), and the LoRA writer's key names."""
+builders' truth agrees with the packed bytes (decoded with this file's own closed-form formulas of
+docs/format.md §3, §5 and §8, independent of converter/), and the LoRA writer's key names."""
 
 from __future__ import annotations
 
@@ -346,7 +346,7 @@ def test_svdq_truth_decodes(fixture, request):
             assert "bias" not in t
         else:
             assert torch.equal(_unpack_vector(t["bias"]), info["bias_stored"]), module
-        # §2.3: W_eff = diag(wcscales)·Ŵ·diag(1/s) + U·D
+        # docs/format.md §5: W_eff = diag(wcscales)·Ŵ·diag(1/s) + U·D
         w_eff = wc[:, None] * w_hat / s.float()[None, :] + up.float() @ down.float()
         _assert_close(w_eff, info["w_eff"], rtol=1e-5, atol=1e-6)
         rel = (info["w_deq"] - info["weight"].float()).norm() / info["weight"].float().norm()

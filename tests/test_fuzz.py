@@ -159,7 +159,7 @@ any_file = st.one_of(header_files(), header_files(), header_files(), mutated_fil
 
 GOOD = {"a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]},
         "b": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 16]}}
-# inputs that broke the reader before (see FIXES.md)
+# inputs that broke the reader before (each kept as a regression example)
 STR_OFFSETS = st_file({"a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": ["0", "8"]}}, bytes(8))
 LIST_DTYPE = st_file({"a": {"dtype": ["BF16"], "shape": [2, 2], "data_offsets": [0, 8]}}, bytes(8))
 FLOAT_OFFSETS = st_file({"a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0.0, 8.0]}}, bytes(8))

@@ -256,7 +256,7 @@ def test_text_encoder_keys_are_listed_as_ignored(qwen, tmp_path):
 def test_fused_smoothing_is_merged_exactly(tmp_path):
     """deepcompressor's fuse_when_possible: attn.to_out.0 / to_add_out see x / s and the V rows of both q/k/v
     projections hold v / s. A LoRA there goes in as A·diag(s) and diag(1/s)·B (and Δb / s): the layers'
-    true maps change by exactly ΔW (nunchaku-format.md §2.4)."""
+    true maps change by exactly ΔW (docs/format.md §7)."""
     p = tmp_path / "fused.safetensors"
     truth = build_qwen_checkpoint(p, blocks=1, dim=D, rank=32, fused_smooth=("transformer_blocks.0.attn.to_out.0",))
     s = truth["svdq"]["transformer_blocks.0.attn.to_out.0"]["smooth"].float()
