@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import threading
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 
 from . import adapters
 from .errors import MergeError, UnsupportedFormat
+from .lorapaths import is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401 - parse_spec: public here
 from .st_reader import Checkpoint
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names
@@ -127,20 +127,6 @@ class LoraFile:
             self._sha256 = _FILE_HASHES.result(self._hasher or _FILE_HASHES.start(self.path))
             self._hasher = None
         return self._sha256
-
-
-def parse_spec(spec: str) -> tuple[str, float]:
-    """`path[:strength]`; the strength is taken only when what follows the last ':' is a number."""
-    path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            s = float(tail)
-        except ValueError:
-            return spec, 1.0
-        if not math.isfinite(s):
-            raise MergeError(f"strength in {spec!r} is not a finite number")
-        return path, s
-    return spec, 1.0
 
 
 def strip_prefixes(key: str) -> tuple[str, bool, list[str]]:
@@ -290,10 +276,7 @@ def _parse_keys(lf: LoraFile) -> tuple[Counter, Counter, set[str]]:
 
 
 def open_lora(spec: str) -> LoraFile:
-    path, strength = parse_spec(spec)
-    if not os.path.isfile(path):
-        hint = " (nothing after ':'; give a strength, e.g. ':0.8', or drop the colon)" if spec.endswith(":") else ""
-        raise MergeError(f"LoRA file not found: {path}{hint}")
+    path, strength = lora_path(spec)
     lf = LoraFile(path, strength, Checkpoint(path))
     try:
         prefixes, styles, peft_names = _parse_keys(lf)
@@ -308,7 +291,34 @@ def open_lora(spec: str) -> LoraFile:
             mod.adapters, mod.leftover = adapters.claim(lf, mod.name, mod.keys)
             types.update(a.title for a in mod.adapters)
         lf.format = _describe_format(prefixes, styles, peft_names, types)
+        if not lf.modules:
+            refuse_checkpoint_as_lora(lf.ckpt, lf.path)
     except BaseException:
         lf.ckpt.close()
         raise
     return lf
+
+
+def lora_key_example(keys) -> str | None:
+    """A key that only a LoRA file holds (a weight-update part of some adapter type), or None."""
+    for key in keys:
+        m = _match(strip_prefixes(key)[0])
+        if m is not None and m[1] != "alpha":
+            return key
+    return None
+
+
+def swapped_arguments(base: str, specs: list[str]) -> MergeError | None:
+    """BASE is a LoRA file and some LORA argument a Nunchaku checkpoint: the two were given the wrong way round."""
+    with Checkpoint(base) as ckpt:
+        if lora_key_example(ckpt.keys()) is None:
+            return None
+    for spec in specs:
+        path = parse_spec(spec)[0]
+        if not os.path.isfile(path):
+            continue
+        with Checkpoint(path) as other:
+            if is_checkpoint(other):
+                return MergeError(f"the arguments are swapped: {base} is a LoRA file and {path} a Nunchaku "
+                                  f"checkpoint; the base comes first: qwenlora-merge {path} {base}")
+    return None
