@@ -30,7 +30,7 @@ UNSUPPORTED: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.lora_mid\.weight$"), "LoCon mid weights are not supported"),
     (re.compile(r"\.(ia3_w|weight_ia3|on_input)$"), "IA3 is not supported"),
     (re.compile(r"\.(oft_blocks|oft_r|boft_R|boft_s)$"), "OFT/BOFT is not supported"),
-    (re.compile(r"\.lora_(?:A|down)(?:\.[^.]+)?\.bias$"), "a bias on lora_A/lora_down is not supported"),
+    (re.compile(r"\.lora_(?:A|down)(?:\.[^.]+){0,2}\.bias$"), "a bias on lora_A/lora_down is not supported"),
 ]
 
 
@@ -275,11 +275,30 @@ def _parse_keys(lf: LoraFile) -> tuple[Counter, Counter, set[str]]:
     return prefixes, styles, peft_names
 
 
+def _pair_lone_alphas(lf: LoraFile) -> None:
+    """An alpha alone under one spelling of a module name, its weights alone under another (Anime-Z's Z-Image
+    files: `….to.q.lora.down.weight` with `….to_q.alpha`): the same module when the names agree with every '.'
+    read as '_' (how dotted names resolve anyway) and exactly one weights-only module matches, as diffusers'
+    Z-Image converter pairs them."""
+    def normal(mod: LoraModule) -> str:
+        return mod.name.replace(".", "_")
+
+    lone = [key for key, mod in lf.modules.items() if set(mod.keys) == {"alpha"}]
+    for key in lone:
+        alpha_mod = lf.modules[key]
+        mates = [mod for mod in lf.modules.values() if mod is not alpha_mod and "alpha" not in mod.keys
+                 and normal(mod) == normal(alpha_mod)]
+        if len(mates) == 1:
+            mates[0].keys["alpha"] = alpha_mod.keys["alpha"]
+            del lf.modules[key]
+
+
 def open_lora(spec: str) -> LoraFile:
     path, strength = lora_path(spec)
     lf = LoraFile(path, strength, Checkpoint(path))
     try:
         prefixes, styles, peft_names = _parse_keys(lf)
+        _pair_lone_alphas(lf)
         if len(peft_names) > 1:
             raise UnsupportedFormat(f"{lf.name}: holds several PEFT adapters ({', '.join(sorted(peft_names))}); "
                                     "save one adapter per file")

@@ -176,12 +176,17 @@ def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict
     """Every key of one LoRA file into applied / ignored / unmapped; the applied ones become contributions."""
     acc = KeyAccount(ignored=list(lf.ignored), unmapped=list(lf.unsupported))
     unresolved: list[str] = []
-    for mod in lf.modules.values():
+    resolved = {key: targets.resolve(mod) for key, mod in lf.modules.items()}
+    for key, mod in lf.modules.items():
         keys = list(mod.keys.values())
-        tname = targets.resolve(mod)
+        tname = resolved[key]
         if tname is None:
             unresolved.append(mod.name)
             acc.unmapped.extend((k, "no such layer in this checkpoint") for k in keys)
+            continue
+        copy_of = redundant_copy(tname, set(resolved.values()), model.family.redundant_copies)
+        if copy_of:
+            acc.ignored.extend((k, f"a second copy of {copy_of} of the same file (counted once)") for k in keys)
             continue
         segs = targets.segments[tname]
         if modulation_mode == "skip" and any(model.layers[s.target].layout == Layout.AWQ_W4A16 for s in segs):
@@ -200,6 +205,16 @@ def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict
         raise UnmappedKeys(f"{lf.name} looks like {what}: none of its {len(lf.modules)} modules exist in this "
                            f"{model.family.title} checkpoint (e.g. {sorted(unresolved)[0]})")
     return acc
+
+
+def redundant_copy(tname: str, names: set[str | None], copies: dict[str, tuple[str, ...]]) -> str | None:
+    """The split modules a fused module `tname` duplicates when the file holds all of them (None: it does not)."""
+    for fused, split in copies.items():
+        if tname.endswith(fused):
+            stem = tname[: -len(fused)]
+            if all(stem + part in names for part in split):
+                return ", ".join(stem + part for part in split)
+    return None
 
 
 def _foreign_family(names: list[str], own: str) -> str | None:

@@ -53,6 +53,9 @@ def prefixed_parts(prefix: str, names: tuple[str, ...], style: str) -> tuple[tup
 
 
 ALPHA = KeyPattern(r"(?:alpha|lora_alpha)", "alpha", "alpha")
+# a PEFT adapter name between the part and `.weight`/`.bias`: `default`, or DiffSynth-Studio's doubled
+# `default_0.default` (one name of two segments; never the `weight`/`bias` that ends the key)
+ADAPTER_NAME = r"(?:\.(?P<ad>[^.]+(?:\.(?!(?:weight|bias)$)[^.]+)?))?"
 
 
 class Adapter:
