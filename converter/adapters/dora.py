@@ -27,6 +27,7 @@ class Dora(Adapter, name="dora"):
     order = 200  # after the weight update it wraps
     needs_base = True
     wraps = True
+    linear = False  # W' renormalises W + ΔV: two copies are not one at the summed strength
     inner: Adapter
 
     def wrap(self, inner: Adapter) -> None:
