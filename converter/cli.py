@@ -190,7 +190,8 @@ def merge_cmd(base, loras, output, **settings):
     """Merge LORA files into the Nunchaku checkpoint BASE.
 
     Each LORA may carry a strength after a colon (default 1.0, negative allowed):
-    `style.safetensors:0.8`. W4A4 layers take the LoRA exactly through their low-rank branch (the rank of
+    `style.safetensors:0.8`; a LORA may be a PEFT save_pretrained folder, and one file named twice is merged
+    once at the summed strength where that is exact. W4A4 layers take the LoRA exactly through their low-rank branch (the rank of
     every W4A4 layer grows to one new uniform rank, written into the metadata); 16-bit layers are updated
     in place; AWQ modulation layers are requantized (see --mod) and each layer's fidelity is reported.
 
