@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import click
 
 from . import __version__, interrupts
-from .errors import MergeError
+from .errors import MergeError, UnknownFamily
 from .layout import MODULATION_MODES
 from .usage import run_one_line
 
@@ -190,10 +190,12 @@ def merge_cmd(base, loras, output, **settings):
     """Merge LORA files into the Nunchaku checkpoint BASE.
 
     Each LORA may carry a strength after a colon (default 1.0, negative allowed):
-    `style.safetensors:0.8`; a LORA may be a PEFT save_pretrained folder, and one file named twice is merged
-    once at the summed strength where that is exact. W4A4 layers take the LoRA exactly through their low-rank branch (the rank of
+    `style.safetensors:0.8`. W4A4 layers take the LoRA exactly through their low-rank branch (the rank of
     every W4A4 layer grows to one new uniform rank, written into the metadata); 16-bit layers are updated
     in place; AWQ modulation layers are requantized (see --mod) and each layer's fidelity is reported.
+
+    A LORA may be a PEFT save_pretrained folder; one file named twice is merged once at the summed strength
+    where that is exact (LoRA, LoKr, LoHa, deltas).
 
     \b
     Adapters: LoRA (every common key format), LyCORIS/PEFT LoKr and LoHa (exact on W4A4 layers), DoRA and
@@ -272,7 +274,6 @@ def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs:
                jobs: list) -> list[dict]:
     """Open and plan every (output, loras) entry against the opened base; appends each planned job to `jobs` (the
     caller closes their LoRAs whatever happens next) and returns the plans' reports."""
-    from .errors import UnknownFamily
     from .lorafile import parse_spec, swapped_arguments
     from .model import load_model
     from .pipeline import Job, open_session

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from . import adapters
 from .errors import MergeError, UnsupportedFormat
-from .lorapaths import is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401 - parse_spec: public here
+# parse_spec is imported from here by the CLI and the tests
+from .lorapaths import is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401
 from .st_reader import Checkpoint
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names

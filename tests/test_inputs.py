@@ -144,8 +144,8 @@ def test_a_copy_under_another_name_is_the_same_file(qwen_int4, lora, tmp_path):
     shutil.copy(lora, copy)
     rep = json.loads(run(qwen_int4.path, f"{lora}:0.3", f"{copy}:0.7", "--dry-run", "--json").stdout)
     assert rep["rank"]["to"] == 64 and any("given 2 times" in w for w in rep["warnings"]), rep
-    rep = json.loads(run("batch", qwen_int4.path, "--dry-run", "--json", "--output-set", f"{tmp_path}/a.safetensors={lora}",
-                         "--output-set", f"{tmp_path}/b.safetensors={copy}").stdout)
+    sets = ["--output-set", f"{tmp_path}/a.safetensors={lora}", "--output-set", f"{tmp_path}/b.safetensors={copy}"]
+    rep = json.loads(run("batch", qwen_int4.path, "--dry-run", "--json", *sets).stdout)
     assert all(r["rank"]["to"] == 64 and not r["warnings"] for r in rep["outputs"]), rep
 
 
