@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import click
 
 from . import __version__, interrupts
-from .errors import MergeError
+from .errors import MergeError, UnknownFamily
 from .layout import MODULATION_MODES
+from .usage import run_one_line
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_UNMAPPED, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 NAME_RX = re.compile(r"^svdq-(int4|fp4)_r(\d+)-(.+)$")
@@ -27,6 +28,12 @@ class DefaultGroup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
             args = ["merge", *args]
         return super().parse_args(ctx, args)
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage errors as one `error:` line (exit 2), like every other error."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        return run_one_line(super().main, *args, **kwargs)
 
 
 class Progress:
@@ -187,6 +194,9 @@ def merge_cmd(base, loras, output, **settings):
     every W4A4 layer grows to one new uniform rank, written into the metadata); 16-bit layers are updated
     in place; AWQ modulation layers are requantized (see --mod) and each layer's fidelity is reported.
 
+    A LORA may be a PEFT save_pretrained folder; one file named twice is merged once at the summed strength
+    where that is exact (LoRA, LoKr, LoHa, deltas).
+
     \b
     Adapters: LoRA (every common key format), LyCORIS/PEFT LoKr and LoHa (exact on W4A4 layers), DoRA and
     full diffs (exact on 16-bit layers, truncated SVD on W4A4 layers: see --svd-rank).
@@ -264,11 +274,14 @@ def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs:
                jobs: list) -> list[dict]:
     """Open and plan every (output, loras) entry against the opened base; appends each planned job to `jobs` (the
     caller closes their LoRAs whatever happens next) and returns the plans' reports."""
-    from .lorafile import parse_spec
+    from .lorafile import parse_spec, swapped_arguments
     from .model import load_model
     from .pipeline import Job, open_session
 
-    model = load_model(ckpt)
+    try:
+        model = load_model(ckpt)
+    except UnknownFamily as e:
+        raise swapped_arguments(base, [x for _, loras in entries for x in loras]) or e from None
     reports = []
     for output, loras in entries:
         for p in (parse_spec(x)[0] for x in loras):

@@ -111,6 +111,9 @@ class Family:
     diffusers_class: ClassVar[str | None] = None
     # the arguments of that class's __init__: the config.json keys it takes
     diffusers_config_keys: ClassVar[frozenset[str]] = frozenset()
+    # a fused LoRA module (name suffix) and the split modules that cover its rows: a file holding all of them
+    # stores one update twice (as diffusers' loader of that family reads such files), so the fused copy is ignored
+    redundant_copies: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def matches(self, metadata: Mapping[str, str], tensors: Mapping) -> bool:  # pragma: no cover - interface
         raise NotImplementedError

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import threading
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 
 from . import adapters
 from .errors import MergeError, UnsupportedFormat
+# parse_spec is imported from here by the CLI and the tests
+from .lorapaths import is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401
 from .st_reader import Checkpoint
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names
@@ -30,7 +31,7 @@ UNSUPPORTED: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.lora_mid\.weight$"), "LoCon mid weights are not supported"),
     (re.compile(r"\.(ia3_w|weight_ia3|on_input)$"), "IA3 is not supported"),
     (re.compile(r"\.(oft_blocks|oft_r|boft_R|boft_s)$"), "OFT/BOFT is not supported"),
-    (re.compile(r"\.lora_(?:A|down)(?:\.[^.]+)?\.bias$"), "a bias on lora_A/lora_down is not supported"),
+    (re.compile(r"\.lora_(?:A|down)(?:\.[^.]+){0,2}\.bias$"), "a bias on lora_A/lora_down is not supported"),
 ]
 
 
@@ -127,20 +128,6 @@ class LoraFile:
             self._sha256 = _FILE_HASHES.result(self._hasher or _FILE_HASHES.start(self.path))
             self._hasher = None
         return self._sha256
-
-
-def parse_spec(spec: str) -> tuple[str, float]:
-    """`path[:strength]`; the strength is taken only when what follows the last ':' is a number."""
-    path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            s = float(tail)
-        except ValueError:
-            return spec, 1.0
-        if not math.isfinite(s):
-            raise MergeError(f"strength in {spec!r} is not a finite number")
-        return path, s
-    return spec, 1.0
 
 
 def strip_prefixes(key: str) -> tuple[str, bool, list[str]]:
@@ -289,14 +276,30 @@ def _parse_keys(lf: LoraFile) -> tuple[Counter, Counter, set[str]]:
     return prefixes, styles, peft_names
 
 
+def _pair_lone_alphas(lf: LoraFile) -> None:
+    """An alpha alone under one spelling of a module name, its weights alone under another (Anime-Z's Z-Image
+    files: `….to.q.lora.down.weight` with `….to_q.alpha`): the same module when the names agree with every '.'
+    read as '_' (how dotted names resolve anyway) and exactly one weights-only module matches, as diffusers'
+    Z-Image converter pairs them."""
+    def normal(mod: LoraModule) -> str:
+        return mod.name.replace(".", "_")
+
+    lone = [key for key, mod in lf.modules.items() if set(mod.keys) == {"alpha"}]
+    for key in lone:
+        alpha_mod = lf.modules[key]
+        mates = [mod for mod in lf.modules.values() if mod is not alpha_mod and "alpha" not in mod.keys
+                 and normal(mod) == normal(alpha_mod)]
+        if len(mates) == 1:
+            mates[0].keys["alpha"] = alpha_mod.keys["alpha"]
+            del lf.modules[key]
+
+
 def open_lora(spec: str) -> LoraFile:
-    path, strength = parse_spec(spec)
-    if not os.path.isfile(path):
-        hint = " (nothing after ':'; give a strength, e.g. ':0.8', or drop the colon)" if spec.endswith(":") else ""
-        raise MergeError(f"LoRA file not found: {path}{hint}")
+    path, strength = lora_path(spec)
     lf = LoraFile(path, strength, Checkpoint(path))
     try:
         prefixes, styles, peft_names = _parse_keys(lf)
+        _pair_lone_alphas(lf)
         if len(peft_names) > 1:
             raise UnsupportedFormat(f"{lf.name}: holds several PEFT adapters ({', '.join(sorted(peft_names))}); "
                                     "save one adapter per file")
@@ -308,7 +311,34 @@ def open_lora(spec: str) -> LoraFile:
             mod.adapters, mod.leftover = adapters.claim(lf, mod.name, mod.keys)
             types.update(a.title for a in mod.adapters)
         lf.format = _describe_format(prefixes, styles, peft_names, types)
+        if not lf.modules:
+            refuse_checkpoint_as_lora(lf.ckpt, lf.path)
     except BaseException:
         lf.ckpt.close()
         raise
     return lf
+
+
+def lora_key_example(keys) -> str | None:
+    """A key that only a LoRA file holds (a weight-update part of some adapter type), or None."""
+    for key in keys:
+        m = _match(strip_prefixes(key)[0])
+        if m is not None and m[1] != "alpha":
+            return key
+    return None
+
+
+def swapped_arguments(base: str, specs: list[str]) -> MergeError | None:
+    """BASE is a LoRA file and some LORA argument a Nunchaku checkpoint: the two were given the wrong way round."""
+    with Checkpoint(base) as ckpt:
+        if lora_key_example(ckpt.keys()) is None:
+            return None
+    for spec in specs:
+        path = parse_spec(spec)[0]
+        if not os.path.isfile(path):
+            continue
+        with Checkpoint(path) as other:
+            if is_checkpoint(other):
+                return MergeError(f"the arguments are swapped: {base} is a LoRA file and {path} a Nunchaku "
+                                  f"checkpoint; the base comes first: qwenlora-merge {path} {base}")
+    return None

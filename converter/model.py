@@ -13,6 +13,7 @@ from mappings import FAMILIES
 
 from .errors import MergeError, UnknownFamily
 from .layout import Family, Layer, Layout
+from .lorafile import lora_key_example
 from .st_reader import Checkpoint, TensorInfo
 
 
@@ -93,6 +94,10 @@ def detect_family(ckpt: Checkpoint, layers: dict[str, Layer]) -> Family:
     for fam in FAMILIES:
         if fam.matches(ckpt.metadata, ckpt.tensors):
             return fam
+    example = lora_key_example(ckpt.keys())
+    if example is not None and not any(l.layout.is_svdq for l in layers.values()):
+        raise UnknownFamily(f"{ckpt.path} is a LoRA file (it holds {example}), not a Nunchaku checkpoint; the base "
+                            "checkpoint comes first: qwenlora-merge BASE LORA[:STRENGTH]...")
     svdq = sum(1 for l in layers.values() if l.layout.is_svdq)
     hint = f" ({svdq} SVDQ layers found)" if svdq else " (no Nunchaku SVDQ layer found)"
     raise UnknownFamily(f"{ckpt.path}: not a Nunchaku Qwen-Image or Z-Image-Turbo checkpoint{hint}; "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mappings import FAMILIES, FOREIGN_SIGNATURES
 
@@ -18,6 +18,7 @@ from .layout import MAX_RANK, MODULATION_MODES, Layer, Layout, Segment
 from .lorafile import LoraFile, LoraModule
 from .model import Model
 from .naming import pattern
+from .repeats import Repeat, find_repeats, fold_repeats
 
 SVD_RANK = 64  # default rank budget of W4A4 updates that are not low-rank (full diffs, DoRA)
 
@@ -156,7 +157,10 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
     targets = _Targets(model)
     ops: dict[str, LayerOp] = {}
     warnings: list[str] = []
-    accounts = [_plan_file(li, lf, model, targets, ops, modulation_mode) for li, lf in enumerate(loras)]
+    repeats = find_repeats(loras)
+    folded = fold_repeats(loras, repeats, warnings)
+    accounts = [KeyAccount(ignored=[(k, folded[li]) for k in lf.ckpt.keys()]) if li in folded else
+                _plan_file(li, lf, model, targets, ops, modulation_mode) for li, lf in enumerate(loras)]
     for lf, acc in zip(loras, accounts):
         if acc.unmapped and not allow_unmapped:
             raise UnmappedKeys(f"{lf.name}: {len(acc.unmapped)} of {len(lf.ckpt.keys())} keys cannot be applied: "
@@ -168,6 +172,7 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
     _detect_shared_down(ops)
     _plan_smoothing(model, ops)
     new_rank = _new_rank(model, ops, max_rank, svd_rank, warnings)
+    warnings.extend(_repeat_cost(model, loras, ops, svd_rank, rep) for rep in repeats if not rep.linear)
     return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, svd_rank)
 
 
@@ -176,12 +181,17 @@ def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict
     """Every key of one LoRA file into applied / ignored / unmapped; the applied ones become contributions."""
     acc = KeyAccount(ignored=list(lf.ignored), unmapped=list(lf.unsupported))
     unresolved: list[str] = []
-    for mod in lf.modules.values():
+    resolved = {key: targets.resolve(mod) for key, mod in lf.modules.items()}
+    for key, mod in lf.modules.items():
         keys = list(mod.keys.values())
-        tname = targets.resolve(mod)
+        tname = resolved[key]
         if tname is None:
             unresolved.append(mod.name)
             acc.unmapped.extend((k, "no such layer in this checkpoint") for k in keys)
+            continue
+        copy_of = redundant_copy(tname, set(resolved.values()), model.family.redundant_copies)
+        if copy_of:
+            acc.ignored.extend((k, f"a second copy of {copy_of} of the same file (counted once)") for k in keys)
             continue
         segs = targets.segments[tname]
         if modulation_mode == "skip" and any(model.layers[s.target].layout == Layout.AWQ_W4A16 for s in segs):
@@ -200,6 +210,33 @@ def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict
         raise UnmappedKeys(f"{lf.name} looks like {what}: none of its {len(lf.modules)} modules exist in this "
                            f"{model.family.title} checkpoint (e.g. {sorted(unresolved)[0]})")
     return acc
+
+
+def _repeat_cost(model: Model, loras: list[LoraFile], ops: dict[str, LayerOp], svd_rank: int, rep: Repeat) -> str:
+    """A file named several times that cannot be folded into one (DoRA): what its extra copies cost in rank."""
+    extra = set(rep.members[1:])
+
+    def uniform(keep) -> int:
+        added = max((rank_needed(replace(op, contributions=[c for c in op.contributions if keep(c)]), svd_rank)
+                     for op in ops.values()), default=0)
+        return round16(model.rank + added) if added else model.rank
+
+    with_copies, without = uniform(lambda c: True), uniform(lambda c: c.lora not in extra)
+    kinds = ", ".join(sorted({a.title for i in rep.members for mod in loras[i].modules.values() for a in mod.adapters
+                              if not a.linear}))
+    return (f"{loras[rep.members[0]].name} is given {len(rep.members)} times (strengths {rep.strengths(loras)}) and "
+            f"holds {kinds}, which is not linear in strength: merged {len(rep.members)} times, costing "
+            f"{with_copies - without} extra rank on each W4A4 layer (uniform rank {with_copies} instead of {without})")
+
+
+def redundant_copy(tname: str, names: set[str | None], copies: dict[str, tuple[str, ...]]) -> str | None:
+    """The split modules a fused module `tname` duplicates when the file holds all of them (None: it does not)."""
+    for fused, split in copies.items():
+        if tname.endswith(fused):
+            stem = tname[: -len(fused)]
+            if all(stem + part in names for part in split):
+                return ", ".join(stem + part for part in split)
+    return None
 
 
 def _foreign_family(names: list[str], own: str) -> str | None:

@@ -37,6 +37,10 @@ class ZImage(Family):
     signatures = (r"^(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|adaLN)",
                   r"^(x_embedder|final_layer|cap_embedder|t_embedder)")
     # no AWQ modulation layers: adaLN_modulation stays bf16, so no timestep_keys and no row_order
+    # Anime-Z files hold `attention.qkv` beside `attention.to.q/k/v` and `attention.out` beside `to_out.0`, the
+    # same update twice; diffusers' Z-Image converter skips the fused copies
+    redundant_copies = {".attention.qkv": (".attention.to_q", ".attention.to_k", ".attention.to_v"),
+                        ".attention.out": (".attention.to_out.0",)}
 
     def matches(self, metadata, tensors) -> bool:
         return (metadata.get("model_class") == self.model_class or "layers.0.attention.to_qkv.qweight" in tensors

@@ -490,6 +490,35 @@ def run_bad_spec(spec_suffix: str) -> Callable[[Ctx], Outcome]:
     return run
 
 
+def run_lora_folder(ctx: Ctx) -> Outcome:
+    """A folder (holding a LoRA, but not PEFT's save_pretrained pair) given as the LoRA."""
+    folder = ctx.dir / "lora-dir"
+    folder.mkdir()
+    lora = Path(shutil.copyfile(ctx.inputs.lora, folder / "style.safetensors"))
+    ctx.watch(ctx.inputs.base, lora)
+    o = run_cli(merge_args(ctx.inputs.base, [folder], ctx.out, "--mod", "skip"))
+    o.offender = [folder]
+    return ctx.finish(o)
+
+
+def run_swapped(ctx: Ctx) -> Outcome:
+    lora = ctx.copy(ctx.inputs.lora)
+    ctx.watch(ctx.inputs.base, lora)
+    o = run_cli(merge_args(lora, [ctx.inputs.base], ctx.out, "--mod", "skip"))
+    o.offender = [lora]
+    return ctx.finish(o)
+
+
+def run_usage_error(ctx: Ctx) -> Outcome:
+    """Click's own parsing fails (an option that does not exist): one `error:` line too, exit 2."""
+    lora = ctx.copy(ctx.inputs.lora)
+    ctx.watch(ctx.inputs.base, lora)
+    o = run_cli(merge_args(ctx.inputs.base, [lora], ctx.out, "--strength", "0.8"))
+    if len([l for l in o.stderr.splitlines() if l.strip()]) != 1:
+        o.extra.append("more than one line on stderr")
+    return ctx.finish(o)
+
+
 def run_batch_bad_strength(ctx: Ctx) -> Outcome:
     lora = ctx.copy(ctx.inputs.lora)
     plan = ctx.write("plan.json", json.dumps({"outputs": [{"output": str(ctx.out), "loras": [
@@ -991,8 +1020,18 @@ CASES: list[Case] = [
     Case("lora-adapter-metadata-deep-nesting", "lora_adapter_metadata of 50k nested JSON arrays",
          _hostile_lora_case(hostile_adapter_meta_deep), cause=r"lora_adapter_metadata|JSON"),
     Case("lora-spec-colon-nothing", "LORA argument 'lora.safetensors:' (nothing after the colon)",
-         run_bad_spec(":"), cause=r"not found|strength|nothing after|empty"),
+         run_bad_spec(":"), cause=r"nothing after ':'.*strength"),
     Case("lora-spec-nan", "LORA argument 'lora.safetensors:nan'", run_bad_spec(":nan"), cause=r"finite|strength"),
+    Case("lora-spec-decimal-comma", "LORA argument 'lora.safetensors:0,8' (a decimal comma)", run_bad_spec(":0,8"),
+         cause=r"strength '0,8'.*not a number.*:0\.8"),
+    Case("lora-spec-not-a-number", "LORA argument 'lora.safetensors:abc'", run_bad_spec(":abc"),
+         cause=r"strength 'abc'.*not a number"),
+    Case("lora-is-a-folder", "a folder holding a LoRA given as the LoRA", run_lora_folder,
+         cause=r"is a folder, not a LoRA file.*style\.safetensors"),
+    Case("base-and-lora-swapped", "the LoRA given as BASE and the checkpoint as LORA", run_swapped,
+         cause=r"swapped"),
+    Case("usage-unknown-option", "an option that does not exist (--strength 0.8)", run_usage_error,
+         cause=r"no such option.*usage: qwenlora-merge merge", names=False),
     Case("batch-plan-bad-strength", "batch plan with \"strength\": \"strong\"", run_batch_bad_strength,
          cause=r"strength"),
     Case("base-truncated", "the base cut to half its size (at rest)", run_base_truncated,

@@ -21,23 +21,33 @@ Formats (m = module path, m_ = m with every "." replaced by "_"):
   lightx2v      m.lora_down.weight              m.lora_up.weight                m.alpha
   kohya         lora_unet_m_.lora_down.weight   lora_unet_m_.lora_up.weight     lora_unet_m_.alpha
   lycoris       lycoris_m_.lora_down.weight     lycoris_m_.lora_up.weight       lycoris_m_.alpha
+  diffsynth     m.lora_A.default_0.default.weight  m.lora_B.default_0.default.weight  m.alpha
+                (DiffSynth-Studio's doubled PEFT adapter name)
+  anime_z       m'.lora.down.weight             m'.lora.up.weight               m.alpha
+                (Z-Image only, not in FORMATS: m' = m with a final to_q/to_k/to_v written to.q/to.k/to.v; the
+                alpha keeps the underscore name, as Anime-Z's files do and diffusers' Z-Image converter pairs them)
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["FORMATS", "lora_keys", "write_lora", "random_lora_modules"]
+__all__ = ["FORMATS", "FAMILY_FORMATS", "lora_keys", "write_lora", "random_lora_modules"]
 
-FORMATS = ("diffusers", "peft_adapter", "peft_raw", "transformer", "comfy", "lightx2v", "kohya", "lycoris")
+FORMATS = ("diffusers", "peft_adapter", "peft_raw", "transformer", "comfy", "lightx2v", "kohya", "lycoris", "diffsynth")
+# spellings of one family only (their module names are that family's): written by the same functions
+FAMILY_FORMATS = ("anime_z",)
 
 _AB = ("lora_A.weight", "lora_B.weight")
 _AB_PEFT = ("lora_A.default.weight", "lora_B.default.weight")
 _DOWN_UP = ("lora_down.weight", "lora_up.weight")
+_AB_DIFFSYNTH = ("lora_A.default_0.default.weight", "lora_B.default_0.default.weight")
+_DOT = ("lora.down.weight", "lora.up.weight")
 
 
 def _base_and_suffixes(module: str, fmt: str) -> tuple[str, tuple[str, str]]:
@@ -57,13 +67,18 @@ def _base_and_suffixes(module: str, fmt: str) -> tuple[str, tuple[str, str]]:
         return "lora_unet_" + module.replace(".", "_"), _DOWN_UP
     if fmt == "lycoris":
         return "lycoris_" + module.replace(".", "_"), _DOWN_UP
-    raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "diffsynth":
+        return module, _AB_DIFFSYNTH
+    if fmt == "anime_z":
+        return re.sub(r"\.to_([qkv])$", r".to.\1", module), _DOT
+    raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS + FAMILY_FORMATS}")
 
 
 def lora_keys(module: str, fmt: str) -> tuple[str, str, str]:
     """(A/down key, B/up key, alpha key) for ``module`` in format ``fmt``."""
     base, (a, b) = _base_and_suffixes(module, fmt)
-    return f"{base}.{a}", f"{base}.{b}", f"{base}.alpha"
+    alpha_base = module if fmt == "anime_z" else base
+    return f"{base}.{a}", f"{base}.{b}", f"{alpha_base}.alpha"
 
 
 def write_lora(path, modules: dict, fmt: str, *, extra: dict | None = None, metadata: dict | None = None) -> dict:

@@ -288,21 +288,24 @@ def test_bad_adapters_get_one_clear_line(qwen, tmp_path, case, message):
 
 
 def test_absurd_rank_is_refused_before_writing(qwen, tmp_path):
-    """LoHa rank 11 on q/k/v: exact rank 121 a module, 363 on the fused layer; the same file stacked three times
-    asks for 32 + 1089, above the kernel's 1024: the dry run already refuses, pointing at --max-rank, which
-    then truncates (reported per layer)."""
+    """LoHa rank 11 on q/k/v: exact rank 121 a module, 363 on the fused layer; three such files stacked ask for
+    32 + 1089, above the kernel's 1024: the dry run already refuses, pointing at --max-rank, which then truncates
+    (reported per layer). (Three different files: one file named three times is merged once.)"""
     base, truth = qwen
-    specs = {f"transformer_blocks.0.attn.{m}": O.random_loha(D, D, rank=11, seed=i)
-             for i, m in enumerate(("to_q", "to_k", "to_v"))}
-    lp = tmp_path / "big.safetensors"
-    O.write_adapter_file(lp, specs, "lycoris-prefix")
+    paths = []
+    for n in range(3):
+        specs = {f"transformer_blocks.0.attn.{m}": O.random_loha(D, D, rank=11, seed=3 * n + i)
+                 for i, m in enumerate(("to_q", "to_k", "to_v"))}
+        paths.append(tmp_path / f"big{n}.safetensors")
+        O.write_adapter_file(paths[-1], specs, "lycoris-prefix")
+    lp = paths[0]
     rep = merge_json(base, lp, tmp_path / "o.safetensors", "--dry-run")
     assert rep["rank"]["to"] == 32 + 368 and rep["rank"]["added_bytes"] > 0  # the cost, before anything is written
-    for args in ((lp, lp, lp, "--dry-run"), (lp, lp, lp)):
+    for args in ((*paths, "--dry-run"), paths):
         res = run(base, *args, "-o", tmp_path / "o.safetensors", ok=False)
         assert res.exit_code == 2 and "--max-rank" in res.stderr and "1024" in res.stderr
         assert not (tmp_path / "o.safetensors").exists()
-    rep = json.loads(run(base, lp, lp, lp, "-o", tmp_path / "o.safetensors", "--max-rank", "256", "--json").stdout)
+    rep = json.loads(run(base, *paths, "-o", tmp_path / "o.safetensors", "--max-rank", "256", "--json").stdout)
     assert rep["rank"]["to"] == 256
     qkv = next(l for l in rep["layers"] if l["layer"] == "transformer_blocks.0.attn.to_qkv")
     assert qkv["rank_kept"] == 256 - 32 and 0 < qkv["truncation_error"] < 1

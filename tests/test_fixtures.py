@@ -500,6 +500,11 @@ _EXPECTED_KEYS = {
         "lycoris_transformer_blocks_0_attn_to_q.lora_up.weight",
         "lycoris_transformer_blocks_0_attn_to_q.alpha",
     ),
+    "diffsynth": (
+        "transformer_blocks.0.attn.to_q.lora_A.default_0.default.weight",
+        "transformer_blocks.0.attn.to_q.lora_B.default_0.default.weight",
+        "transformer_blocks.0.attn.to_q.alpha",
+    ),
 }
 
 

@@ -53,6 +53,9 @@ def prefixed_parts(prefix: str, names: tuple[str, ...], style: str) -> tuple[tup
 
 
 ALPHA = KeyPattern(r"(?:alpha|lora_alpha)", "alpha", "alpha")
+# a PEFT adapter name between the part and `.weight`/`.bias`: `default`, or DiffSynth-Studio's doubled
+# `default_0.default` (one name of two segments; never the `weight`/`bias` that ends the key)
+ADAPTER_NAME = r"(?:\.(?P<ad>[^.]+(?:\.(?!(?:weight|bias)$)[^.]+)?))?"
 
 
 class Adapter:
@@ -67,6 +70,7 @@ class Adapter:
     order: ClassVar[int] = 100
     applies_to: ClassVar[str] = "weight"  # or "bias"
     wraps: ClassVar[bool] = False  # modifies the module's weight update (DoRA), attached with `wrap`
+    linear: ClassVar[bool] = True  # ΔW scales with strength: copies at s1 and s2 are one at s1 + s2 (DoRA: not)
 
     def wrap(self, inner: Adapter) -> None:  # pragma: no cover - interface of wrapping types
         raise NotImplementedError
@@ -84,6 +88,11 @@ class Adapter:
     def __init__(self, lf: LoraFile, module: str, keys: dict[str, str]):
         self.lf, self.module, self.keys = lf, module, keys
         self.strength = lf.strength  # a wrapping adapter (DoRA) may set its inner update's own
+
+    def set_strength(self, strength: float) -> None:
+        """Merge at another strength (copies of one file folded into one); a scale cached for the old one goes."""
+        self.strength = strength
+        self.__dict__.pop("scale", None)
 
     # -- what the planner asks ---------------------------------------------------------------------------
     def validate(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Adapter, KeyPattern
+from .base import ADAPTER_NAME, Adapter, KeyPattern
 
 if TYPE_CHECKING:
     import torch
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 class BiasDelta(Adapter, name="diff_b"):
     title = "bias delta"
     key_patterns = (KeyPattern(r"diff_b", "diff_b", "diff"),
-                    KeyPattern(r"lora_(?:B|up)(?:\.(?P<ad>[^.]+))?\.bias", "diff_b", "diff"))
+                    KeyPattern(r"lora_(?:B|up)" + ADAPTER_NAME + r"\.bias", "diff_b", "diff"))
     signature = parts = frozenset({"diff_b"})
     order = 70
     applies_to = "bias"

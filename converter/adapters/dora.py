@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Adapter, KeyPattern
+from .base import ADAPTER_NAME, Adapter, KeyPattern
 
 if TYPE_CHECKING:
     import torch
@@ -22,11 +22,12 @@ LYCORIS_EPS = 2.0 ** -23  # LyCORIS adds finfo(dtype).eps of its fp32 dora_scale
 class Dora(Adapter, name="dora"):
     title = "DoRA"
     key_patterns = (KeyPattern(r"dora_scale", "dora_scale", "dora"),
-                    KeyPattern(r"lora_magnitude_vector(?:\.(?P<ad>[^.]+))?(?:\.weight)?", "magnitude_vector", "dora"))
+                    KeyPattern(r"lora_magnitude_vector" + ADAPTER_NAME + r"(?:\.weight)?", "magnitude_vector", "dora"))
     signature = parts = frozenset({"dora_scale", "magnitude_vector"})
     order = 200  # after the weight update it wraps
     needs_base = True
     wraps = True
+    linear = False  # W' renormalises W + ΔV: two copies are not one at the summed strength
     inner: Adapter
 
     def wrap(self, inner: Adapter) -> None:

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedFormat
-from .base import Adapter, KeyPattern
+from .base import ADAPTER_NAME, Adapter, KeyPattern
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +22,8 @@ _AB = (("A", "A"), ("B", "B"), ("down", "A"), ("up", "B"))
 class Lora(Adapter, name="lora"):
     title = "LoRA"
     key_patterns = (
-        KeyPattern(r"lora_(?P<p>A|B)(?:\.(?P<ad>[^.]+))?\.weight", None, "A/B", _AB),
-        KeyPattern(r"lora_(?P<p>down|up)(?:\.(?P<ad>[^.]+))?\.weight", None, "down/up", _AB),
+        KeyPattern(r"lora_(?P<p>A|B)" + ADAPTER_NAME + r"\.weight", None, "A/B", _AB),
+        KeyPattern(r"lora_(?P<p>down|up)" + ADAPTER_NAME + r"\.weight", None, "down/up", _AB),
         KeyPattern(r"lora\.(?P<p>down|up)\.weight", None, "down/up", _AB),
         KeyPattern(r"lora_linear_layer\.(?P<p>down|up)\.weight", None, "down/up", _AB),
     )
