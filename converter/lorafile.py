@@ -312,3 +312,8 @@ def open_lora(spec: str) -> LoraFile:
         lf.ckpt.close()
         raise
     return lf
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, hashed once per process like a LoRA's for the provenance (`verify` matches the record)."""
+    return _FILE_HASHES.result(_FILE_HASHES.start(path))
