@@ -216,9 +216,11 @@ def figure(res: VerifyResult):
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no layer is targeted by the LoRAs", ha="center", transform=axes[0, 0].transAxes)
     ticks = FuncFormatter(lambda x, _: "other" if round(x) == OUTSIDE_BLOCKS else f"{x:.0f}")
+    xs = [x for series in panels.values() for pts in series.values() for x, _, _ in pts] or [0]
     for ax, (kind, series) in zip(axes[:, 0], panels.items()):
         _draw_panel(ax, kind, series)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)  # one block axis for every panel, whole blocks only
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.xaxis.set_major_formatter(ticks)
         ax.set_xlabel("block")
     fig.suptitle("qwenlora-merge verify: per-layer fidelity against each kind's tolerance")
@@ -240,16 +242,21 @@ def _plot_panels(res: VerifyResult) -> dict:
 
 
 def _draw_panel(ax, kind, series: dict) -> None:
-    limits = {lim for pts in series.values() for _, _, lim in pts if lim is not None}
+    """Each series' points and its tolerance: a line where it is one value, a mark per layer where it differs
+    by layer (layers truncated by a rank cap: the best their rank allows)."""
     for n, (label, pts) in enumerate(sorted(series.items())):
         color = f"C{n}"
         ax.scatter([x for x, _, _ in pts], [v for _, v, _ in pts], s=14, color=color, label=label)
-        if len(limits) > 1:  # tolerances differ by layer (truncated layers): one mark per layer
-            own = [(x, lim) for x, _, lim in pts if lim is not None]
-            ax.scatter([x for x, _ in own], [lim for _, lim in own], marker="_", s=120, color=color,
-                       label=f"tolerance ({label})")
-    if len(limits) == 1:
-        ax.axhline(next(iter(limits)), color="red", lw=0.8, label=f"tolerance {next(iter(limits)):g}")
+        limits = [(x, lim) for x, _, lim in pts if lim is not None]
+        name = "tolerance" if len(series) == 1 else f"tolerance ({label})"
+        if len({lim for _, lim in limits}) == 1:
+            ax.axhline(limits[0][1], color="red" if len(series) == 1 else color, lw=0.8, ls="--",
+                       label=f"{name} {limits[0][1]:g}")
+        elif limits:
+            ax.scatter([x for x, _ in limits], [lim for _, lim in limits], marker="_", s=150, color=color, label=name)
+    values = [v for pts in series.values() for _, v, _ in pts]
+    if min(values) > 0 and max(values) > 100 * min(values):  # exact and truncated layers differ by decades
+        ax.set_yscale("log")
     ax.set_ylabel(kind.plot_label or f"{kind.name} {kind.verify_figure}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
