@@ -135,12 +135,12 @@ def recorded_path(lora_path: str, out_path: str) -> str:
 def planned_output_bytes(base: Checkpoint, jobs: list[Job]) -> list[int]:
     """Each job's output size, exact: the header as the writer will write it (same tensor order, metadata with
     the provenance's placeholder hashes, which have the final hashes' width) plus the tensors' bytes."""
-    order = output_order(base, [j.session.plan for j in jobs])
+    order = output_order(base, [job.session.plan for job in jobs])
     sizes = []
-    for j in jobs:
-        specs = output_specs(j.session.plan, base, order)
-        meta = updated_metadata(j.session.plan, provenance(j.session, final=False, out_path=j.out_path))
-        sizes.append(len(header_bytes(specs, meta)) + 8 + sum(sp.nbytes for sp in specs))
+    for job in jobs:
+        specs = output_specs(job.session.plan, base, order)
+        meta = updated_metadata(job.session.plan, provenance(job.session, final=False, out_path=job.out_path))
+        sizes.append(8 + len(header_bytes(specs, meta)) + sum(spec.nbytes for spec in specs))
     return sizes
 
 

@@ -81,11 +81,12 @@ def _render_plan(rep: dict, verbose: bool) -> list[str]:
     tcount = Counter(t["method"] for t in rep["targets"])
     lines.append("targets  " + (", ".join(f"{n} {m}" for m, n in sorted(tcount.items())) or "none"))
     if verbose:  # after the merge, each layer's own figures (the truncation by a rank cap among them)
-        records = {l["layer"]: l for l in rep.get("layers") or []}
-        for t in rep["targets"]:
-            note = by_name(t["method"]).render_layer(records[t["layer"]]) if t["layer"] in records else ""
-            lines.append(f"         {t['layer']}  {t['method']}  +r{t['rank_added']}  {note + '  ' if note else ''}"
-                         f"<- {', '.join(t['from'])}")
+        records = {rec["layer"]: rec for rec in rep.get("layers") or []}
+        for target in rep["targets"]:
+            name, kind = target["layer"], by_name(target["method"])
+            note = kind.render_layer(records[name]) + "  " if name in records else ""
+            lines.append(f"         {name}  {kind.name}  +r{target['rank_added']}  {note}"
+                         f"<- {', '.join(target['from'])}")
     for kind, d in (rep.get("layers_summary") or {}).items():
         line = by_name(kind).render_summary(d)
         if line:
@@ -113,10 +114,10 @@ def render(rep: dict, verbose: bool = False) -> str:
 def verify_report(res) -> dict:
     """`verify --json`: the verdict, the settings and LoRAs judged against, per-kind summaries of the layers the
     plan targets (as the merge report summarizes them), the count of untargeted layers, every layer's record."""
-    targeted = [l for l in res.layers if l.get("targeted")]
+    targeted = [rec for rec in res.layers if rec.get("targeted")]
     return {"ok": res.ok, "contract": res.contract, "settings": res.settings, "loras": res.loras,
-            "layers_summary": summarize_layers([l | {"method": l["kind"]} for l in targeted]),
-            "untargeted": dict(Counter(l["kind"] for l in res.layers if not l.get("targeted"))),
+            "layers_summary": summarize_layers([rec | {"method": rec["kind"]} for rec in targeted]),
+            "untargeted": dict(Counter(rec["kind"] for rec in res.layers if not rec.get("targeted"))),
             "layers": res.layers}
 
 
@@ -131,10 +132,10 @@ def _render_settings(settings: dict | None) -> str:
 
 def _render_verify_loras(loras: list[dict]) -> list[str]:
     lines = []
-    for i, l in enumerate(loras, 1):
-        how = "" if l["found"] == "given" else (f"  (named by the merged file's provenance; found {l['found']}, "
-                                                 f"sha256 matches)")
-        lines.append(f"lora {i}   {l['path']}  strength {l['strength']:g}{how}")
+    for number, lora in enumerate(loras, 1):
+        how = "" if lora["found"] == "given" else (f"  (named by the merged file's provenance; found {lora['found']}, "
+                                                    f"sha256 matches)")
+        lines.append(f"lora {number}   {lora['path']}  strength {lora['strength']:g}{how}")
     return lines
 
 
@@ -142,8 +143,8 @@ def render_verify(rep: dict, verbose: bool = False) -> str:
     """Verdict first, then what it was judged against, each kind's targeted layers in the merge report's words,
     the untargeted layers; with -v every targeted layer's figures; the failing layers and contract problems."""
     layers = rep["layers"]
-    failed = [l for l in layers if not l["ok"]]
-    n_target = sum(bool(l.get("targeted")) for l in layers)
+    failed = [rec for rec in layers if not rec["ok"]]
+    n_target = sum(bool(rec.get("targeted")) for rec in layers)
     untargeted = rep["untargeted"]
     if rep["ok"]:
         head = f"verdict  within tolerance: {count_layers(n_target)} changed as planned"
@@ -155,13 +156,13 @@ def render_verify(rep: dict, verbose: bool = False) -> str:
         line = by_name(kind).render_summary(d)
         lines.append(line or f"fidelity {kind} {count_layers(d['layers'])}")
         if verbose:
-            lines += [f"         {l['layer']}  {by_name(kind).render_layer(l)}" for l in layers
-                      if l.get("targeted") and l["kind"] == kind]
+            lines += [f"         {rec['layer']}  {by_name(kind).render_layer(rec)}" for rec in layers
+                      if rec.get("targeted") and rec["kind"] == kind]
     if untargeted:
         lines.append(f"others   {count_layers(sum(untargeted.values()))} no LoRA targets, checked unchanged ("
-                     + ", ".join(f"{k} {n}" for k, n in sorted(untargeted.items())) + ")")
-    lines += [f"contract  {p}" for p in rep["contract"]]
-    lines += [f"FAIL      {l['layer']}: {'; '.join(l['problems'])}" for l in failed[:20]]
+                     + ", ".join(f"{kind} {count}" for kind, count in sorted(untargeted.items())) + ")")
+    lines += [f"contract  {problem}" for problem in rep["contract"]]
+    lines += [f"FAIL      {rec['layer']}: {'; '.join(rec['problems'])}" for rec in failed[:20]]
     if len(failed) > 20:
         lines.append(f"... {len(failed) - 20} more failing layers (--json lists all)")
     return "\n".join(lines)

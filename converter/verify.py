@@ -135,7 +135,7 @@ def _find_lora(merged_path: str, entry) -> dict:
             and isinstance(entry.get("strength"), (int, float)) and not isinstance(entry.get("strength"), bool)):
         raise MergeError(f"the provenance record of {os.path.basename(merged_path)} has a LoRA entry this version "
                          f"cannot read: {str(entry)[:200]}")
-    folder = os.path.dirname(os.path.abspath(merged_path))
+    folder = os.path.dirname(merged_path)  # relative as given: the report names the files as the user would
     places = [(os.path.join(folder, os.path.basename(entry["file"])), "beside the merged file")]
     if isinstance(entry.get("path"), str):
         places.append((os.path.normpath(os.path.join(folder, entry["path"])), "at its recorded path"))
@@ -145,11 +145,12 @@ def _find_lora(merged_path: str, entry) -> dict:
             seen[path] = file_sha256(path)
             if seen[path] == entry["sha256"]:
                 return {"path": path, "strength": float(entry["strength"]), "sha256": entry["sha256"], "found": where}
-    what = f"the LoRA {entry['file']} (sha256 {entry['sha256'][:12]}…) that {os.path.basename(merged_path)} was merged with"
+    what = (f"the LoRA {entry['file']} (sha256 {entry['sha256'][:12]}…) that {os.path.basename(merged_path)} "
+            "was merged with")
     if seen:
-        found = ", ".join(f"{p} has sha256 {h[:12]}…" for p, h in seen.items())
+        found = ", ".join(f"{path} has sha256 {digest[:12]}…" for path, digest in seen.items())
         raise MergeError(f"{what} has changed: {found}; give the LoRAs on the command line")
-    looked = " or ".join(p for p, _ in places)
+    looked = " or ".join(path for path, _ in places)
     raise MergeError(f"{what} is not at {looked}; give the LoRAs on the command line")
 
 
@@ -163,18 +164,19 @@ def verify(base_path: str, merged_path: str, lora_specs: list[str], *, allow_unm
         record = merge_record(merged)
         opts, res.settings = recorded_options(record, allow_unmapped)
         if lora_specs:
-            res.loras = [{"path": p, "strength": st, "found": "given"} for p, st in map(parse_spec, lora_specs)]
+            res.loras = [{"path": path, "strength": strength, "found": "given"}
+                         for path, strength in map(parse_spec, lora_specs)]
         else:
             res.loras = recorded_loras(merged_path, record)
-            lora_specs = [f"{l['path']}:{l['strength']!r}" for l in res.loras]
-        s = open_session(base_path, lora_specs, opts)
+            lora_specs = [f"{lora['path']}:{lora['strength']!r}" for lora in res.loras]
+        session = open_session(base_path, lora_specs, opts)
         try:
-            res.contract = check_contract(s.base, merged)
-            _check_layers(VerifyContext(s.base, merged, s.model), s.plan, res, progress)
+            res.contract = check_contract(session.base, merged)
+            _check_layers(VerifyContext(session.base, merged, session.model), session.plan, res, progress)
         except BaseException:
-            s.close()
+            session.close()
             raise
-    return res, s
+    return res, session
 
 
 def _check_layers(ctx: VerifyContext, plan: Plan, res: VerifyResult, progress) -> None:
@@ -215,14 +217,14 @@ def figure(res: VerifyResult):
     fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(10, 3 * max(1, len(panels))), squeeze=False)
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no layer is targeted by the LoRAs", ha="center", transform=axes[0, 0].transAxes)
-    ticks = FuncFormatter(lambda x, _: "other" if round(x) == OUTSIDE_BLOCKS else f"{x:.0f}")
-    xs = [x for series in panels.values() for pts in series.values() for x, _, _ in pts] or [0]
-    for ax, (kind, series) in zip(axes[:, 0], panels.items()):
-        _draw_panel(ax, kind, series)
-        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)  # one block axis for every panel, whole blocks only
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.xaxis.set_major_formatter(ticks)
-        ax.set_xlabel("block")
+    ticks = FuncFormatter(lambda pos, _: "other" if round(pos) == OUTSIDE_BLOCKS else f"{pos:.0f}")
+    blocks = [block for series in panels.values() for pts in series.values() for block, _, _ in pts] or [0]
+    for panel, (kind, series) in zip(axes[:, 0], panels.items()):
+        _draw_panel(panel, kind, series)
+        panel.set_xlim(min(blocks) - 0.5, max(blocks) + 0.5)  # one block axis for every panel
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole blocks only
+        panel.xaxis.set_major_formatter(ticks)
+        panel.set_xlabel("block")
     fig.suptitle("qwenlora-merge verify: per-layer fidelity against each kind's tolerance")
     fig.tight_layout()
     return fig
@@ -236,30 +238,31 @@ def _plot_panels(res: VerifyResult) -> dict:
         if point is not None:
             series, value, limit = point
             block = block_index(rec["layer"])
-            x = OUTSIDE_BLOCKS if block is None else block
-            panels.setdefault(BY_NAME[rec["kind"]], {}).setdefault(series, []).append((x, value, limit))
+            block = OUTSIDE_BLOCKS if block is None else block
+            panels.setdefault(BY_NAME[rec["kind"]], {}).setdefault(series, []).append((block, value, limit))
     return panels
 
 
-def _draw_panel(ax, kind, series: dict) -> None:
+def _draw_panel(panel, kind, series: dict) -> None:
     """Each series' points and its tolerance: a line where it is one value, a mark per layer where it differs
     by layer (layers truncated by a rank cap: the best their rank allows)."""
-    for n, (label, pts) in enumerate(sorted(series.items())):
-        color = f"C{n}"
-        ax.scatter([x for x, _, _ in pts], [v for _, v, _ in pts], s=14, color=color, label=label)
-        limits = [(x, lim) for x, _, lim in pts if lim is not None]
+    for index, (label, pts) in enumerate(sorted(series.items())):
+        color = f"C{index}"
+        panel.scatter([block for block, _, _ in pts], [value for _, value, _ in pts], s=14, color=color, label=label)
+        limits = [(block, lim) for block, _, lim in pts if lim is not None]
         name = "tolerance" if len(series) == 1 else f"tolerance ({label})"
         if len({lim for _, lim in limits}) == 1:
-            ax.axhline(limits[0][1], color="red" if len(series) == 1 else color, lw=0.8, ls="--",
-                       label=f"{name} {limits[0][1]:g}")
+            panel.axhline(limits[0][1], color="red" if len(series) == 1 else color, lw=0.8, ls="--",
+                          label=f"{name} {limits[0][1]:g}")
         elif limits:
-            ax.scatter([x for x, _ in limits], [lim for _, lim in limits], marker="_", s=150, color=color, label=name)
-    values = [v for pts in series.values() for _, v, _ in pts]
+            panel.scatter([block for block, _ in limits], [lim for _, lim in limits], marker="_", s=150, color=color,
+                          label=name)
+    values = [value for pts in series.values() for _, value, _ in pts]
     if min(values) > 0 and max(values) > 100 * min(values):  # exact and truncated layers differ by decades
-        ax.set_yscale("log")
-    ax.set_ylabel(kind.plot_label or f"{kind.name} {kind.verify_figure}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+        panel.set_yscale("log")
+    panel.set_ylabel(kind.plot_label or f"{kind.name} {kind.verify_figure}")
+    panel.grid(alpha=0.3)
+    panel.legend(loc="best", fontsize="small")
 
 
 def plot(res: VerifyResult, path: str) -> None:

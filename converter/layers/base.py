@@ -167,9 +167,9 @@ class LayerKind:
         return None if not isinstance(value, (int, float)) else (cls.name, float(value), cls.plot_limit)
 
 
-def count_layers(n: int) -> str:
+def count_layers(count: int) -> str:
     """The one unit merge and verify count in: layers, as the plan counts them."""
-    return f"{n} layer" if n == 1 else f"{n} layers"
+    return f"{count} layer" if count == 1 else f"{count} layers"
 
 
 def kind_of(layer: Layer) -> type[LayerKind]:

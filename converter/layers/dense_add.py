@@ -87,8 +87,8 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
         else:
             line = head + f"ABOVE the 16-bit rounding floor ({figures}; tolerance {DENSE_FLOOR_FACTOR}x)"
         if "applied_fraction_min" in d:
-            lo, hi = d["applied_fraction_min"], d["applied_fraction_max"]
-            line += f", applied fraction {lo:.4f}" + (f"..{hi:.4f}" if hi != lo else "")
+            low, high = d["applied_fraction_min"], d["applied_fraction_max"]
+            line += f", applied fraction {low:.4f}" + (f"..{high:.4f}" if high != low else "")
         return line
 
     @classmethod

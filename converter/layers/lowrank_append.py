@@ -80,9 +80,9 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         out["exact_layers"] = sum("rel_error" in r for r in exact)
         cut = [r for r in records if "truncation_error" in r]
         if cut:
-            d = sorted(r["truncation_error"] for r in cut)
+            dropped = sorted(r["truncation_error"] for r in cut)
             out["truncated"] = {"layers": len(cut), "rank_kept": min(r["rank_kept"] for r in cut),
-                                "dropped_max": d[-1], "dropped_median": d[len(d) // 2],
+                                "dropped_max": dropped[-1], "dropped_median": dropped[len(dropped) // 2],
                                 "rel_error_max": max(r["rel_error"] for r in cut)}
         svd = [r for r in records if r.get("svd")]
         if svd:
@@ -99,10 +99,10 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
             parts.append(f"{d.get('exact_layers', d['layers'])} {verdict} (rel. error max {d['rel_error_max']:.2e}, "
                          f"tolerance {LOWRANK_TOL:g})")
         if "truncated" in d:
-            t = d["truncated"]
-            parts.append(f"{t['layers']} truncated by the rank cap to their best rank-{t['rank_kept']} approximation, "
-                         f"dropping {t['dropped_max']:.3f} (max) / {t['dropped_median']:.3f} (median) of ||dW|| "
-                         f"(rel. error max {t['rel_error_max']:.3f})")
+            cut = d["truncated"]
+            parts.append(f"{cut['layers']} truncated by the rank cap to their best rank-{cut['rank_kept']} "
+                         f"approximation, dropping {cut['dropped_max']:.3f} (max) / {cut['dropped_median']:.3f} "
+                         f"(median) of ||dW|| (rel. error max {cut['rel_error_max']:.3f})")
         if "svd" in d:
             s = d["svd"]
             parts.append(f"{s['layers']} by truncated SVD, captured {s['captured_min']:.3f} (min) / "
@@ -305,21 +305,21 @@ def _appended_error(ctx: VerifyContext, layer: Layer, f: Factors) -> tuple[float
     return lowrank_error(u1, d1, both)[0], True
 
 
-def _appended_figures(ctx: VerifyContext, layer: Layer, f: Factors, plan: Plan, probs: list[str]) -> dict:
+def _appended_figures(ctx: VerifyContext, layer: Layer, factors: Factors, plan: Plan, probs: list[str]) -> dict:
     """The appended part against the LoRA's factors; where the plan's rank cap left less room than the LoRA's
     rank, against the best approximation of that rank (what the merge stores), with the fraction dropped."""
     from ..factors import truncate
 
     rec: dict = {}
-    rec["rel_error"], moved = _appended_error(ctx, layer, f)
+    rec["rel_error"], moved = _appended_error(ctx, layer, factors)
     if moved:
         probs.append("the base low-rank branch was altered")
     room = plan.new_rank - plan.model.rank
-    if f.rank <= room:
+    if factors.rank <= room:
         if rec["rel_error"] > LOWRANK_TOL:
             probs.append(f"low-rank error {rec['rel_error']:.3g} > {LOWRANK_TOL}")
         return rec
-    rec["rank_kept"], rec["truncation_error"] = room, truncate(f, room)[1]
+    rec["rank_kept"], rec["truncation_error"] = room, truncate(factors, room)[1]
     if rec["rel_error"] > rec["truncation_error"] + LOWRANK_TOL:
         probs.append(f"low-rank error {rec['rel_error']:.3g} above the best rank-{room} error "
                      f"{rec['truncation_error']:.3g} + {LOWRANK_TOL}")

@@ -205,7 +205,7 @@ def _written_action(ctx: VerifyContext, layer: Layer, plan: Plan, kept_base: boo
     the bias moved (a bias fold), or requantized weights (in the mode the merge was asked for)."""
     if kept_base:
         return "skip"
-    if all(ctx.unchanged(layer.key(p)) for p in WEIGHT_PARTS):
+    if all(ctx.unchanged(layer.key(part)) for part in WEIGHT_PARTS):
         return "biasfold"
     return plan.modulation_mode
 
