@@ -266,9 +266,9 @@ def _draw_panel(panel, kind, series: dict) -> None:
 
 
 def plot(res: VerifyResult, path: str) -> None:
+    fig = figure(res)  # first: it says so in one line when matplotlib is missing
     import matplotlib.pyplot as plt
 
-    fig = figure(res)
     try:
         fig.savefig(path, dpi=100)
     finally:
