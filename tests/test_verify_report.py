@@ -173,6 +173,10 @@ def test_report_leads_with_the_verdict_and_counts_like_the_plan(qwen, tmp_path):
     text = run("verify", base, out).stdout
     assert "fidelity dense_add 1 layer: at the 16-bit rounding floor" in text
     assert "others   " in text and "dense_add 5" in text  # untargeted layers: counted apart
+    wrong = run("verify", base, out, f"{lp}:0.5", ok=False)  # judged against another strength: every layer off
+    assert wrong.exit_code == 4 and wrong.stdout.startswith("verdict  OUT OF TOLERANCE")
+    assert "fidelity dense_add 1 layer: ABOVE the 16-bit rounding floor" in wrong.stdout
+    assert "fidelity lowrank_append 16 layers: 16 of 16 OUT OF TOLERANCE" in wrong.stdout
 
 
 def test_expected_output_bytes_is_exact(qwen, tmp_path):

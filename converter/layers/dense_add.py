@@ -63,6 +63,7 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
         fl = [r["rel_error"] / r["rounding_floor"] for r in records if r.get("rounding_floor")]
         if fl:
             out["max_over_rounding_floor"] = max(fl)
+            out["above_tolerance"] = sum(ratio > DENSE_FLOOR_FACTOR for ratio in fl)
         fr = [r["applied_fraction"] for r in records if "applied_fraction" in r]
         if fr:
             out["applied_fraction_min"], out["applied_fraction_max"] = min(fr), max(fr)
@@ -85,7 +86,8 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
         if ratio <= DENSE_FLOOR_FACTOR:
             line = head + f"at the 16-bit rounding floor ({figures})"
         else:
-            line = head + f"ABOVE the 16-bit rounding floor ({figures}; tolerance {DENSE_FLOOR_FACTOR}x)"
+            bad = "" if one else f"{d.get('above_tolerance', d['layers'])} of them "
+            line = head + f"{bad}ABOVE the 16-bit rounding floor ({figures}; tolerance {DENSE_FLOOR_FACTOR}x)"
         if "applied_fraction_min" in d:
             low, high = d["applied_fraction_min"], d["applied_fraction_max"]
             line += f", applied fraction {low:.4f}" + (f"..{high:.4f}" if high != low else "")

@@ -78,6 +78,7 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         exact = [r for r in records if not r.get("svd") and "truncation_error" not in r]
         out = super().summarize(exact) | {"layers": len(records)}
         out["exact_layers"] = sum("rel_error" in r for r in exact)
+        out["exact_out_of_tolerance"] = sum(r.get("rel_error", 0) > LOWRANK_TOL for r in exact)
         cut = [r for r in records if "truncation_error" in r]
         if cut:
             dropped = sorted(r["truncation_error"] for r in cut)
@@ -95,9 +96,9 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     def render_summary(cls, d: dict) -> str | None:
         parts = []
         if d.get("rel_error_max") is not None:
-            verdict = "exact up to 16-bit storage" if d["rel_error_max"] <= LOWRANK_TOL else "OUT OF TOLERANCE"
-            parts.append(f"{d.get('exact_layers', d['layers'])} {verdict} (rel. error max {d['rel_error_max']:.2e}, "
-                         f"tolerance {LOWRANK_TOL:g})")
+            exact, bad = d.get("exact_layers", d["layers"]), d.get("exact_out_of_tolerance", 0)
+            verdict = f"{bad} of {exact} OUT OF TOLERANCE" if bad else f"{exact} exact up to 16-bit storage"
+            parts.append(f"{verdict} (rel. error max {d['rel_error_max']:.2e}, tolerance {LOWRANK_TOL:g})")
         if "truncated" in d:
             cut = d["truncated"]
             parts.append(f"{cut['layers']} truncated by the rank cap to their best rank-{cut['rank_kept']} "
