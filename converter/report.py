@@ -103,7 +103,8 @@ def render(rep: dict, verbose: bool = False) -> str:
     lines += _render_plan(rep, verbose)
     lines += [f"warning  {w}" for w in rep.get("warnings", [])]
     if rep.get("dry_run"):
-        lines.append(f"dry run  nothing written; output would be about {human_bytes(rep['expected_output_bytes'])}")
+        size = rep["expected_output_bytes"]
+        lines.append(f"dry run  nothing written; the output would be {human_bytes(size)} ({size} bytes)")
     elif rep.get("output"):
         how = {"direct": ", direct I/O", "buffered": ""}.get(rep.get("write_mode", ""), "")
         lines.append(f"wrote    {rep['output']} ({human_bytes(rep['output_bytes'])}) in {rep['seconds']:.1f} s{how}")

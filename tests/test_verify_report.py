@@ -36,10 +36,11 @@ def _lora(truth, path, *, modulation: bool = False, seed: int = 1):
     return path
 
 
-def _rewrite(src, dst, change):
-    """Copy a safetensors file, passing each tensor through change(name, tensor)."""
+def _rewrite(src, dst, change, metadata: dict | None = None):
+    """Copy a safetensors file, passing each tensor through change(name, tensor), with metadata entries replaced."""
     with Checkpoint(src) as c:
-        w = StreamingWriter(dst, [OutSpec(i.name, i.dtype, i.shape) for i in c.tensors.values()], c.metadata)
+        meta = dict(c.metadata) | (metadata or {})
+        w = StreamingWriter(dst, [OutSpec(i.name, i.dtype, i.shape) for i in c.tensors.values()], meta)
         for name in c.keys():
             w.write_tensor(name, change(name, c.get(name)))
         w.commit()
@@ -130,9 +131,14 @@ def test_verify_finds_the_loras_the_provenance_names(qwen, tmp_path):
     os.remove(tmp_path / "out" / "a.safetensors")
     res = run("verify", base, out, ok=False)
     assert res.exit_code == 2 and "a.safetensors" in res.stderr and "is not at" in res.stderr
-    # a file without a provenance record
+    # a file without a provenance record, or with one this version cannot read
     res = run("verify", base, base, ok=False)
     assert res.exit_code == 2 and "no provenance record" in res.stderr
+    for record in ({"loras": [{"file": 3}]}, prov | {"settings": {"max_rank": "48", "svd_rank": 64}}):
+        odd = tmp_path / "odd.safetensors"
+        _rewrite(out, odd, lambda n, t: t, {"qwenlora_merge": json.dumps(record)})
+        res = run("verify", base, odd, ok=False)
+        assert res.exit_code == 2 and "cannot read" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_old_files_without_settings_are_verified_as_before(qwen, tmp_path):
@@ -144,14 +150,10 @@ def test_old_files_without_settings_are_verified_as_before(qwen, tmp_path):
     with Checkpoint(out) as c:
         prov = json.loads(c.metadata["qwenlora_merge"])
     del prov["settings"]
-    with Checkpoint(out) as c:
-        meta = dict(c.metadata) | {"qwenlora_merge": json.dumps(prov)}
-        w = StreamingWriter(old, [OutSpec(i.name, i.dtype, i.shape) for i in c.tensors.values()], meta)
-        for n in c.keys():
-            w.copy_tensor(n, c)
-        w.commit()
-    res = run("verify", base, old, f"{lp}:0.8")
-    assert "none recorded in the merged file" in res.stdout
+    _rewrite(out, old, lambda n, t: t, {"qwenlora_merge": json.dumps(prov)})
+    res = run("verify", base, old, f"{lp}:0.8", "--json")
+    assert json.loads(res.stdout)["settings"] is None
+    assert "none recorded in the merged file" in run("verify", base, old, f"{lp}:0.8").stdout
 
 
 # -- item 9: figures that read as verdicts, counted alike ---------------------------------------------------------
