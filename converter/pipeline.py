@@ -121,9 +121,9 @@ def provenance(s: Session, final: bool = True, out_path: str | None = None) -> d
 
 
 def recorded_path(lora_path: str, out_path: str) -> str:
-    """A LoRA's path as the provenance records it: relative to the output's folder (with '/' separators), so
-    it stays right when the two move together and names no folder above them; absolute where no relative path
-    exists (another drive)."""
+    """A LoRA's path as the provenance records it: relative to the output's folder (with '/' separators), so it
+    stays right when the two move together and does not spell out the folders above them; absolute where no
+    relative path exists (another drive)."""
     lora = os.path.abspath(lora_path)
     try:
         rel = os.path.relpath(lora, os.path.dirname(os.path.abspath(out_path)))
