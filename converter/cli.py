@@ -124,7 +124,7 @@ def main() -> None:
 
     \b
       qwenlora-merge BASE LORA[:STRENGTH]... -o OUT     merge (the default command)
-      qwenlora-merge verify BASE MERGED LORA[:STRENGTH]...   re-check a merged file
+      qwenlora-merge verify BASE MERGED [LORA[:STRENGTH]...]   re-check a merged file
       qwenlora-merge batch BASE PLAN.json                several outputs, base read once
       qwenlora-merge export-diffusers BASE [LORA[:S]...] -o DIR   a folder stock diffusers loads (Nunchaku Lite)
 
@@ -276,7 +276,7 @@ def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs:
     caller closes their LoRAs whatever happens next) and returns the plans' reports."""
     from .lorafile import parse_spec, swapped_arguments
     from .model import load_model
-    from .pipeline import Job, open_session
+    from .pipeline import Job, open_session, planned_output_bytes
 
     try:
         model = load_model(ckpt)
@@ -296,6 +296,8 @@ def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs:
             raise
         jobs.append(Job(s, out, replace=rs.overwrite))
         reports.append(rep)
+    for rep, size in zip(reports, planned_output_bytes(ckpt, jobs)):
+        rep["expected_output_bytes"] = size  # exact: the header as it will be written, and the tensors
     return reports
 
 
@@ -480,22 +482,30 @@ def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
 @main.command("verify")
 @click.argument("base", type=click.Path(exists=True, dir_okay=False))
 @click.argument("merged", type=click.Path(exists=True, dir_okay=False))
-@click.argument("loras", nargs=-1, required=True, metavar="LORA[:STRENGTH]...")
+@click.argument("loras", nargs=-1, metavar="[LORA[:STRENGTH]...]")
 @click.option("--json", "as_json", is_flag=True, help="Every layer's figures as JSON on stdout.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-block fidelity to a PNG (needs matplotlib).")
 @click.option("--allow-unmapped", is_flag=True, help="As used for the merge.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
+@click.option("-v", "--verbose", is_flag=True, help="Every targeted layer's figures.")
 @click.option("--debug", is_flag=True, hidden=True)
-def verify_cmd(base, merged, loras, as_json, plot_path, allow_unmapped, quiet, debug):
+def verify_cmd(base, merged, loras, as_json, plot_path, allow_unmapped, quiet, verbose, debug):
     """Check MERGED against BASE + LORAs, from the files alone.
 
     \b
-    Per layer: W4A4 low-rank exactness (rel. error < 1e-2, main 4-bit path byte-identical), 16-bit layers
-    (within 1.5x the bf16 rounding floor, applied fraction 1 +- 1e-2), modulation e_mod on 256 held-out
-    timesteps (<= 1.0: never worse than the base). Loader contract: same keys and dtypes, one rank for every
-    W4A4 layer equal to the metadata rank, metadata otherwise unchanged.
+    Without LORAs, the ones MERGED's provenance names are used: found by name beside MERGED or at their
+    recorded path (relative to MERGED's folder), each with the recorded sha256 and strength; exit 2 when one
+    is missing or changed. The merge's own settings (rank cap, SVD rank, modulation mode) come from the
+    provenance too; a file without them (an older version) is judged as an exact merge.
+    \b
+    Per layer: W4A4 low-rank exactness (rel. error < 1e-2; a layer truncated by the rank cap or stored by
+    truncated SVD: within 1e-2 of the best its rank allows, with the fraction dropped), main 4-bit path
+    byte-identical; 16-bit layers within 1.5x the bf16 rounding floor, applied fraction 1 +- 1e-2; modulation
+    e_mod on 256 held-out timesteps (<= 1.0: never worse than the base). Loader contract: same keys and dtypes,
+    one rank for every W4A4 layer equal to the metadata rank, metadata otherwise unchanged.
     Exit 0 when everything holds, 4 when something does not, 2 on bad input.
     """
+    from .report import render_verify, verify_report
     from .verify import plot, verify
 
     try:
@@ -506,38 +516,14 @@ def verify_cmd(base, merged, loras, as_json, plot_path, allow_unmapped, quiet, d
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
         fail(e, debug)
         return
+    rep = verify_report(res)
     if as_json:
-        click.echo(json.dumps({"ok": res.ok, "contract": res.contract, "layers": res.layers}, indent=1))
+        click.echo(json.dumps(rep, indent=1))
     elif not quiet:
-        click.echo(render_verify(res))
+        click.echo(render_verify(rep, verbose))
     verdict = "OK" if res.ok else f"FAILED ({len(res.contract)} contract problems, {len(res.failed)} layers)"
     click.echo(f"verify: {verdict}", err=True)
     sys.exit(EXIT_OK if res.ok else EXIT_VERIFY)
-
-
-def render_verify(res) -> str:
-    import statistics
-    from collections import defaultdict
-
-    from .layers import by_name
-
-    lines = []
-    for p in res.contract:
-        lines.append(f"contract  {p}")
-    by = defaultdict(list)
-    for l in res.layers:
-        by[l["kind"]].append(l)
-    for kind, ls in sorted(by.items()):
-        key = by_name(kind).verify_figure
-        vals = [l[key] for l in ls if key in l]
-        bad = sum(not l["ok"] for l in ls)
-        fig = f"{key} median {statistics.median(vals):.3g} max {max(vals):.3g}" if vals else ""
-        lines.append(f"{kind:15s} {len(ls):4d} layers  {bad} failing  {fig}")
-    for l in res.failed[:20]:
-        lines.append(f"FAIL      {l['layer']}: {'; '.join(l['problems'])}")
-    if len(res.failed) > 20:
-        lines.append(f"... {len(res.failed) - 20} more failing layers (--json lists all)")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m converter` installs the signal handler sooner

@@ -342,3 +342,8 @@ def swapped_arguments(base: str, specs: list[str]) -> MergeError | None:
                 return MergeError(f"the arguments are swapped: {base} is a LoRA file and {path} a Nunchaku "
                                   f"checkpoint; the base comes first: qwenlora-merge {path} {base}")
     return None
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, hashed once per process like a LoRA's for the provenance (`verify` matches the record)."""
+    return _FILE_HASHES.result(_FILE_HASHES.start(path))

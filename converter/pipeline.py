@@ -16,7 +16,7 @@ from .model import Model, load_model
 from .naming import natural
 from .planner import SVD_RANK, Plan, build_plan, updated_metadata
 from .st_reader import Checkpoint
-from .st_writer import OutSpec, StreamingWriter
+from .st_writer import OutSpec, StreamingWriter, header_bytes
 
 
 @dataclass
@@ -104,14 +104,44 @@ def output_specs(plan: Plan, base: Checkpoint, order: list[str]) -> list[OutSpec
 HASH_PLACEHOLDER = "0" * 64  # same width as a sha256: the header is patched once the hashes are known
 
 
-def provenance(s: Session, final: bool = True) -> dict:
+def provenance(s: Session, final: bool = True, out_path: str | None = None) -> dict:
+    """The record `qwenlora_merge` in the output's metadata: what went in (each LoRA's name, sha256, strength and
+    path relative to the output's folder) and the settings that shaped it, so that `verify` can re-check the file
+    from the files alone."""
+    plan = s.plan
     return {
         "tool": f"qwenlora-merge {__version__}",
         "loras": [{"file": lf.name, "sha256": lf.sha256 if final else HASH_PLACEHOLDER, "strength": lf.strength,
-                   "format": lf.format} for lf in s.loras],
-        "rank": {"from": s.plan.model.rank, "to": s.plan.new_rank},
-        "modulation": s.plan.modulation_mode,
+                   "format": lf.format} | ({"path": recorded_path(lf.path, out_path)} if out_path else {})
+                  for lf in s.loras],
+        "rank": {"from": plan.model.rank, "to": plan.new_rank},
+        "modulation": plan.modulation_mode,
+        "settings": {"max_rank": plan.max_rank, "svd_rank": plan.svd_rank, "modulation": plan.modulation_mode},
     }
+
+
+def recorded_path(lora_path: str, out_path: str) -> str:
+    """A LoRA's path as the provenance records it: relative to the output's folder (with '/' separators), so it
+    stays right when the two move together and does not spell out the folders above them; absolute where no
+    relative path exists (another drive)."""
+    lora = os.path.abspath(lora_path)
+    try:
+        rel = os.path.relpath(lora, os.path.dirname(os.path.abspath(out_path)))
+    except ValueError:
+        return lora
+    return rel.replace(os.sep, "/")
+
+
+def planned_output_bytes(base: Checkpoint, jobs: list[Job]) -> list[int]:
+    """Each job's output size, exact: the header as the writer will write it (same tensor order, metadata with
+    the provenance's placeholder hashes, which have the final hashes' width) plus the tensors' bytes."""
+    order = output_order(base, [job.session.plan for job in jobs])
+    sizes = []
+    for job in jobs:
+        specs = output_specs(job.session.plan, base, order)
+        meta = updated_metadata(job.session.plan, provenance(job.session, final=False, out_path=job.out_path))
+        sizes.append(8 + len(header_bytes(specs, meta)) + sum(spec.nbytes for spec in specs))
+    return sizes
 
 
 def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:
@@ -144,7 +174,7 @@ class _Output:
         self.touched = self.plan.touched_keys()
         for lf in job.session.loras:
             lf.hash_in_background()
-        self.meta = updated_metadata(self.plan, provenance(job.session, final=False))
+        self.meta = updated_metadata(self.plan, provenance(job.session, final=False, out_path=job.out_path))
         self.writer: StreamingWriter | None = None
         self.pending: dict[str, dict] = {}
 
@@ -169,7 +199,7 @@ class _Output:
             del self.pending[prefix]
 
     def finish(self) -> None:
-        self.meta = updated_metadata(self.plan, provenance(self.job.session))
+        self.meta = updated_metadata(self.plan, provenance(self.job.session, out_path=self.job.out_path))
         self.writer.patch_metadata(self.meta)
         self.writer.finish(check=lambda tmp: post_write_check(tmp, self.specs, self.meta))
 

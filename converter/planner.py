@@ -114,6 +114,7 @@ class Plan:
     warnings: list[str]
     modulation_mode: str
     svd_rank: int = SVD_RANK
+    max_rank: int | None = None  # --max-rank as asked (recorded in the provenance for `verify`)
 
     @property
     def rank_changed(self) -> bool:
@@ -173,7 +174,7 @@ def build_plan(model: Model, loras: list[LoraFile], *, allow_unmapped: bool = Fa
     _plan_smoothing(model, ops)
     new_rank = _new_rank(model, ops, max_rank, svd_rank, warnings)
     warnings.extend(_repeat_cost(model, loras, ops, svd_rank, rep) for rep in repeats if not rep.linear)
-    return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, svd_rank)
+    return Plan(model, loras, ops, new_rank, accounts, warnings, modulation_mode, svd_rank, max_rank)
 
 
 def _plan_file(li: int, lf: LoraFile, model: Model, targets: _Targets, ops: dict[str, LayerOp],
@@ -342,6 +343,9 @@ def _new_rank(model: Model, ops: dict[str, LayerOp], max_rank: int | None, svd_r
     if max_rank is not None:
         if max_rank % 16 or max_rank <= model.rank:
             raise MergeError(f"--max-rank must be a multiple of 16 above the base rank {model.rank}, got {max_rank}")
+        if max_rank > MAX_RANK:
+            raise MergeError(f"--max-rank {max_rank} is above Nunchaku's limit of {MAX_RANK} (no loader can build such "
+                             f"a file); give at most {MAX_RANK}")
         if new_rank > max_rank:
             warnings.append(f"rank capped at {max_rank} (exact merge needs {new_rank}): layers whose LoRA part exceeds "
                             f"rank {max_rank - model.rank} keep its top singular directions; see the per-layer error")

@@ -6,7 +6,7 @@ from collections import Counter
 
 from . import __version__
 from .adapters import key_patterns
-from .layers import by_name
+from .layers import by_name, count_layers
 from .naming import human_bytes, pattern
 from .planner import Plan
 
@@ -80,9 +80,13 @@ def _render_plan(rep: dict, verbose: bool) -> list[str]:
         lines = [f"rank     {r['from']} (unchanged)"]
     tcount = Counter(t["method"] for t in rep["targets"])
     lines.append("targets  " + (", ".join(f"{n} {m}" for m, n in sorted(tcount.items())) or "none"))
-    if verbose:
-        lines += [f"         {t['layer']}  {t['method']}  +r{t['rank_added']}  <- {', '.join(t['from'])}"
-                  for t in rep["targets"]]
+    if verbose:  # after the merge, each layer's own figures (the truncation by a rank cap among them)
+        records = {rec["layer"]: rec for rec in rep.get("layers") or []}
+        for target in rep["targets"]:
+            name, kind = target["layer"], by_name(target["method"])
+            note = kind.render_layer(records[name]) + "  " if name in records else ""
+            lines.append(f"         {name}  {kind.name}  +r{target['rank_added']}  {note}"
+                         f"<- {', '.join(target['from'])}")
     for kind, d in (rep.get("layers_summary") or {}).items():
         line = by_name(kind).render_summary(d)
         if line:
@@ -99,8 +103,67 @@ def render(rep: dict, verbose: bool = False) -> str:
     lines += _render_plan(rep, verbose)
     lines += [f"warning  {w}" for w in rep.get("warnings", [])]
     if rep.get("dry_run"):
-        lines.append(f"dry run  nothing written; output would be about {human_bytes(rep['expected_output_bytes'])}")
+        size = rep["expected_output_bytes"]
+        lines.append(f"dry run  nothing written; the output would be {human_bytes(size)} ({size} bytes)")
     elif rep.get("output"):
         how = {"direct": ", direct I/O", "buffered": ""}.get(rep.get("write_mode", ""), "")
         lines.append(f"wrote    {rep['output']} ({human_bytes(rep['output_bytes'])}) in {rep['seconds']:.1f} s{how}")
+    return "\n".join(lines)
+
+
+# -- verify -------------------------------------------------------------------------------------------------------
+def verify_report(res) -> dict:
+    """`verify --json`: the verdict, the settings and LoRAs judged against, per-kind summaries of the layers the
+    plan targets (as the merge report summarizes them), the count of untargeted layers, every layer's record."""
+    targeted = [rec for rec in res.layers if rec.get("targeted")]
+    return {"ok": res.ok, "contract": res.contract, "settings": res.settings, "loras": res.loras,
+            "layers_summary": summarize_layers([rec | {"method": rec["kind"]} for rec in targeted]),
+            "untargeted": dict(Counter(rec["kind"] for rec in res.layers if not rec.get("targeted"))),
+            "layers": res.layers}
+
+
+def _render_settings(settings: dict | None) -> str:
+    if settings is None:
+        return ("settings none recorded in the merged file (made by an older version): judged as an exact merge "
+                "(no rank cap) with --mod calibrated")
+    cap = f"rank cap {settings['max_rank']}" if settings["max_rank"] is not None else "no rank cap"
+    return (f"settings as recorded by the merge: {cap}, SVD rank {settings['svd_rank']}, "
+            f"modulation {settings['modulation']}")
+
+
+def _render_verify_loras(loras: list[dict]) -> list[str]:
+    lines = []
+    for number, lora in enumerate(loras, 1):
+        how = "" if lora["found"] == "given" else (f"  (named by the merged file's provenance; found {lora['found']}, "
+                                                    f"sha256 matches)")
+        lines.append(f"lora {number}   {lora['path']}  strength {lora['strength']:g}{how}")
+    return lines
+
+
+def render_verify(rep: dict, verbose: bool = False) -> str:
+    """Verdict first, then what it was judged against, each kind's targeted layers in the merge report's words,
+    the untargeted layers; with -v every targeted layer's figures; the failing layers and contract problems."""
+    layers = rep["layers"]
+    failed = [rec for rec in layers if not rec["ok"]]
+    n_target = sum(bool(rec.get("targeted")) for rec in layers)
+    untargeted = rep["untargeted"]
+    if rep["ok"]:
+        head = f"verdict  within tolerance: {count_layers(n_target)} changed as planned"
+    else:
+        head = (f"verdict  OUT OF TOLERANCE: {count_layers(len(failed))} failing, "
+                f"{len(rep['contract'])} loader-contract problems")
+    lines = [head, _render_settings(rep["settings"])] + _render_verify_loras(rep["loras"])
+    for kind, d in rep["layers_summary"].items():
+        line = by_name(kind).render_summary(d)
+        lines.append(line or f"fidelity {kind} {count_layers(d['layers'])}")
+        if verbose:
+            lines += [f"         {rec['layer']}  {by_name(kind).render_layer(rec)}" for rec in layers
+                      if rec.get("targeted") and rec["kind"] == kind]
+    if untargeted:
+        lines.append(f"others   {count_layers(sum(untargeted.values()))} no LoRA targets, checked unchanged ("
+                     + ", ".join(f"{kind} {count}" for kind, count in sorted(untargeted.items())) + ")")
+    lines += [f"contract  {problem}" for problem in rep["contract"]]
+    lines += [f"FAIL      {rec['layer']}: {'; '.join(rec['problems'])}" for rec in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"... {len(failed) - 20} more failing layers (--json lists all)")
     return "\n".join(lines)

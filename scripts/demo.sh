@@ -7,5 +7,6 @@ BASE="$OUT/svdq-int4_r32-qwen-image-demo.safetensors"
 LORA="$OUT/demo-style-lora.safetensors"
 echo; echo "\$ qwenlora-merge $BASE $LORA:0.8 -o $OUT/merged.safetensors --overwrite"
 qwenlora-merge "$BASE" "$LORA:0.8" -o "$OUT/merged.safetensors" --overwrite
-echo; echo "\$ qwenlora-merge verify $BASE $OUT/merged.safetensors $LORA:0.8"
-qwenlora-merge verify "$BASE" "$OUT/merged.safetensors" "$LORA:0.8"
+# no LoRA arguments: verify takes the LoRA and strength the merged file's provenance names (found by sha256)
+echo; echo "\$ qwenlora-merge verify $BASE $OUT/merged.safetensors"
+qwenlora-merge verify "$BASE" "$OUT/merged.safetensors"

@@ -140,6 +140,8 @@ class LayerKind:
         raise NotImplementedError
 
     # -- reporting -------------------------------------------------------------------------------------------
+    # merge and verify summarize the same records (one per layer the plan targets) with the same words, so both
+    # count in layers as the plan does; a verify record may lack the merge-only figures
     @classmethod
     def summarize(cls, records: list[dict]) -> dict:
         e = [r["rel_error"] for r in records if "rel_error" in r]
@@ -150,7 +152,24 @@ class LayerKind:
     def render_summary(cls, d: dict) -> str | None:
         if d.get("rel_error_max") is None:
             return None
-        return f"fidelity {cls.name} x{d['layers']}: rel. error max {d['rel_error_max']:.2e}"
+        return f"fidelity {cls.name} {count_layers(d['layers'])}: rel. error max {d['rel_error_max']:.2e}"
+
+    @classmethod
+    def render_layer(cls, rec: dict) -> str:
+        """One layer's figures in a few words (the report's and verify's per-layer lines with -v)."""
+        value = rec.get(cls.verify_figure)
+        return f"{cls.verify_figure} {value:.3g}" if isinstance(value, (int, float)) else ""
+
+    @classmethod
+    def plot_point(cls, rec: dict) -> tuple[str, float, float | None] | None:
+        """(series, value, tolerance) of one verify record for `verify --plot`; None: nothing to draw."""
+        value = rec.get(cls.verify_figure)
+        return None if not isinstance(value, (int, float)) else (cls.name, float(value), cls.plot_limit)
+
+
+def count_layers(count: int) -> str:
+    """The one unit merge and verify count in: layers, as the plan counts them."""
+    return f"{count} layer" if count == 1 else f"{count} layers"
 
 
 def kind_of(layer: Layer) -> type[LayerKind]:

@@ -7,7 +7,7 @@ import statistics
 from typing import TYPE_CHECKING
 
 from ..layout import Layout
-from .base import LayerKind
+from .base import LayerKind, count_layers
 
 if TYPE_CHECKING:
     from ..layout import Layer
@@ -20,6 +20,8 @@ FRACTION_TOL = 1e-2
 
 class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
     name = "dense_add"
+    plot_label = "16-bit layers: rel. error / rounding floor"
+    plot_limit = DENSE_FLOOR_FACTOR
 
     @classmethod
     def apply(cls, ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp | None):
@@ -61,6 +63,7 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
         fl = [r["rel_error"] / r["rounding_floor"] for r in records if r.get("rounding_floor")]
         if fl:
             out["max_over_rounding_floor"] = max(fl)
+            out["above_tolerance"] = sum(ratio > DENSE_FLOOR_FACTOR for ratio in fl)
         fr = [r["applied_fraction"] for r in records if "applied_fraction" in r]
         if fr:
             out["applied_fraction_min"], out["applied_fraction_max"] = min(fr), max(fr)
@@ -69,20 +72,46 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
 
     @classmethod
     def render_summary(cls, d: dict) -> str | None:
-        line = super().render_summary(d)
-        if line is None:
+        """Verdict first (the error of a 16-bit layer is the rounding of W + ΔW, large against a small ΔW), then
+        the figures."""
+        if d.get("rel_error_max") is None:
             return None
-        if "max_over_rounding_floor" in d:
-            line += f" ({d['max_over_rounding_floor']:.2f}x the 16-bit rounding floor)"
+        head = f"fidelity {cls.name} {count_layers(d['layers'])}: "
+        ratio = d.get("max_over_rounding_floor")
+        if ratio is None:
+            return head + f"rel. error max {d['rel_error_max']:.2e}"
+        one = d["layers"] == 1
+        figures = (f"rel. error {d['rel_error_max']:.2e} = {ratio:.2f}x floor" if one else
+                   f"rel. error max {d['rel_error_max']:.2e}, at most {ratio:.2f}x floor")
+        if ratio <= DENSE_FLOOR_FACTOR:
+            line = head + f"at the 16-bit rounding floor ({figures})"
+        else:
+            bad = "" if one else f"{d.get('above_tolerance', d['layers'])} of them "
+            line = head + f"{bad}ABOVE the 16-bit rounding floor ({figures}; tolerance {DENSE_FLOOR_FACTOR}x)"
         if "applied_fraction_min" in d:
-            line += f", applied fraction {d['applied_fraction_min']:.4f}..{d['applied_fraction_max']:.4f}"
+            low, high = d["applied_fraction_min"], d["applied_fraction_max"]
+            line += f", applied fraction {low:.4f}" + (f"..{high:.4f}" if high != low else "")
         return line
+
+    @classmethod
+    def render_layer(cls, rec: dict) -> str:
+        if not rec.get("rounding_floor"):
+            return super().render_layer(rec)
+        return (f"rel. error {rec['rel_error']:.2e} = {rec['rel_error'] / rec['rounding_floor']:.2f}x the 16-bit "
+                f"rounding floor, applied fraction {rec['applied_fraction']:.4f}")
+
+    @classmethod
+    def plot_point(cls, rec: dict) -> tuple[str, float, float | None] | None:
+        if not rec.get("rounding_floor"):
+            return None
+        return cls.name, rec["rel_error"] / rec["rounding_floor"], DENSE_FLOOR_FACTOR
 
 
 class VectorAdd(DenseAdd, layouts=(Layout.VECTOR,)):
     """1-D parameters (norm weights): the same maths on a vector."""
 
     name = "vector_add"
+    plot_label = "16-bit vectors: rel. error / rounding floor"
 
 
 def _weight_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[str]) -> dict:

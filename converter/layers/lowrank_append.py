@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..layout import MAX_RANK, Layout
-from .base import LayerKind
+from .base import LayerKind, count_layers
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +28,7 @@ def _round16(n: int) -> int:
 class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     name = "lowrank_append"
     plot_label = "W4A4 low-rank rel. error"
+    plot_limit = LOWRANK_TOL
 
     @classmethod
     def max_exact_rank(cls, layer: Layer, base_rank: int) -> int:
@@ -72,7 +73,18 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
 
     @classmethod
     def summarize(cls, records: list[dict]) -> dict:
-        out = super().summarize([r for r in records if not r.get("svd")]) | {"layers": len(records)}
+        """The exact layers' error; apart from them, the layers truncated by the rank cap (their dropped
+        fraction) and those stored by truncated SVD (their captured fraction)."""
+        exact = [r for r in records if not r.get("svd") and "truncation_error" not in r]
+        out = super().summarize(exact) | {"layers": len(records)}
+        out["exact_layers"] = sum("rel_error" in r for r in exact)
+        out["exact_out_of_tolerance"] = sum(r.get("rel_error", 0) > LOWRANK_TOL for r in exact)
+        cut = [r for r in records if "truncation_error" in r]
+        if cut:
+            dropped = sorted(r["truncation_error"] for r in cut)
+            out["truncated"] = {"layers": len(cut), "rank_kept": min(r["rank_kept"] for r in cut),
+                                "dropped_max": dropped[-1], "dropped_median": dropped[len(dropped) // 2],
+                                "rel_error_max": max(r["rel_error"] for r in cut)}
         svd = [r for r in records if r.get("svd")]
         if svd:
             c = sorted(r["captured"] for r in svd)
@@ -82,12 +94,42 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
 
     @classmethod
     def render_summary(cls, d: dict) -> str | None:
-        line = super().render_summary(d) if d.get("rel_error_max") is not None else f"fidelity {cls.name} x{d['layers']}:"
+        parts = []
+        if d.get("rel_error_max") is not None:
+            exact, bad = d.get("exact_layers", d["layers"]), d.get("exact_out_of_tolerance", 0)
+            verdict = f"{bad} of {exact} OUT OF TOLERANCE" if bad else f"{exact} exact up to 16-bit storage"
+            parts.append(f"{verdict} (rel. error max {d['rel_error_max']:.2e}, tolerance {LOWRANK_TOL:g})")
+        if "truncated" in d:
+            cut = d["truncated"]
+            parts.append(f"{cut['layers']} truncated by the rank cap to their best rank-{cut['rank_kept']} "
+                         f"approximation, dropping {cut['dropped_max']:.3f} (max) / {cut['dropped_median']:.3f} "
+                         f"(median) of ||dW|| (rel. error max {cut['rel_error_max']:.3f})")
         if "svd" in d:
             s = d["svd"]
-            line += (f"{';' if d.get('rel_error_max') is not None else ''} {s['layers']} by truncated SVD, captured "
-                     f"{s['captured_min']:.3f} (min) / {s['captured_median']:.3f} (median) of ||dW||")
-        return line
+            parts.append(f"{s['layers']} by truncated SVD, captured {s['captured_min']:.3f} (min) / "
+                         f"{s['captured_median']:.3f} (median) of ||dW||")
+        return f"fidelity {cls.name} {count_layers(d['layers'])}: " + ("; ".join(parts) or "bias only")
+
+    @classmethod
+    def render_layer(cls, rec: dict) -> str:
+        if "truncation_error" in rec:
+            return (f"truncated to rank {rec['rank_kept']} by the rank cap: dropped {rec['truncation_error']:.3f} of "
+                    f"||dW||, rel. error {rec['rel_error']:.3f}")
+        if rec.get("svd"):
+            return f"truncated SVD: captured {rec['captured']:.3f} of ||dW||, rel. error {rec['rel_error']:.3f}"
+        return f"exact: rel. error {rec['rel_error']:.2e}" if "rel_error" in rec else "bias only"
+
+    @classmethod
+    def plot_point(cls, rec: dict) -> tuple[str, float, float | None] | None:
+        """Exact layers against the 16-bit tolerance; truncated ones against the best their rank allows."""
+        if "rel_error" not in rec:
+            return None
+        if "truncation_error" in rec:
+            return "truncated by the rank cap", rec["rel_error"], rec["truncation_error"] + LOWRANK_TOL
+        if rec.get("svd") and "captured_best" in rec:
+            best = max(0.0, 1 - rec["captured_best"] ** 2) ** 0.5
+            return "truncated SVD", rec["rel_error"], best + LOWRANK_TOL
+        return "exact", rec["rel_error"], LOWRANK_TOL
 
     @classmethod
     def verify(cls, ctx: VerifyContext, plan: Plan, layer: Layer, op: LayerOp | None) -> dict:
@@ -99,17 +141,12 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
                  if layer.key(part) in ctx.base and not ctx.unchanged(layer.key(part))]
         rec: dict = {"layer": p, "kind": cls.name}
         if op is None or not op.weight_contributions:
-            rec["targeted"] = False
             if not _branch_kept(ctx, layer, extra_zero=True):
                 probs.append("low-rank branch changed although no LoRA targets this layer")
         elif op.has_dense:
             rec |= _svd_figures(ctx, layer, op, probs)
         else:
-            rec["rel_error"], moved = _appended_error(ctx, layer, lowrank_factors(op, ctx.base))
-            if moved:
-                probs.append("the base low-rank branch was altered")
-            if rec["rel_error"] > LOWRANK_TOL:
-                probs.append(f"low-rank error {rec['rel_error']:.3g} > {LOWRANK_TOL}")
+            rec |= _appended_figures(ctx, layer, lowrank_factors(op, ctx.base), plan, probs)
         if layer.has_bias and not _bias_ok(ctx, layer, op):
             probs.append("bias differs from base + bias delta")
         return rec | {"ok": not probs, "problems": probs}
@@ -267,6 +304,27 @@ def _appended_error(ctx: VerifyContext, layer: Layer, f: Factors) -> tuple[float
         return lowrank_error(u1[:, r0:], d1[r0:], f)[0], False
     both = Factors(torch.cat([d0, f.down], 0), torch.cat([u0, f.up], 1))  # compare whole branches
     return lowrank_error(u1, d1, both)[0], True
+
+
+def _appended_figures(ctx: VerifyContext, layer: Layer, factors: Factors, plan: Plan, probs: list[str]) -> dict:
+    """The appended part against the LoRA's factors; where the plan's rank cap left less room than the LoRA's
+    rank, against the best approximation of that rank (what the merge stores), with the fraction dropped."""
+    from ..factors import truncate
+
+    rec: dict = {}
+    rec["rel_error"], moved = _appended_error(ctx, layer, factors)
+    if moved:
+        probs.append("the base low-rank branch was altered")
+    room = plan.new_rank - plan.model.rank
+    if factors.rank <= room:
+        if rec["rel_error"] > LOWRANK_TOL:
+            probs.append(f"low-rank error {rec['rel_error']:.3g} > {LOWRANK_TOL}")
+        return rec
+    rec["rank_kept"], rec["truncation_error"] = room, truncate(factors, room)[1]
+    if rec["rel_error"] > rec["truncation_error"] + LOWRANK_TOL:
+        probs.append(f"low-rank error {rec['rel_error']:.3g} above the best rank-{room} error "
+                     f"{rec['truncation_error']:.3g} + {LOWRANK_TOL}")
+    return rec
 
 
 def _svd_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[str]) -> dict:

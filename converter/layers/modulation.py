@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MergeError
 from ..layout import Layout
-from .base import LayerKind
+from .base import LayerKind, count_layers
 
 if TYPE_CHECKING:
     import torch
@@ -112,6 +112,7 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
                 probs.append("changed although no LoRA targets it")
         else:
             rec["e_mod"], rec["kept_base"] = _held_out_error(ctx, layer, op)
+            rec["action"] = _written_action(ctx, layer, plan, rec["kept_base"])
             if rec["e_mod"] > MOD_TOL + 1e-6:
                 probs.append(f"e_mod {rec['e_mod']:.3f} > {MOD_TOL} (worse than leaving the layer unchanged)")
         return rec | {"ok": not probs, "problems": probs}
@@ -131,11 +132,11 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     def render_summary(cls, d: dict) -> str:
         acts = ", ".join(f"{k} {v}" for k, v in sorted(d["actions"].items()))
         if d["e_mod_median"] is None:
-            return f"fidelity modulation x{d['layers']} ({acts})"
+            return f"fidelity modulation {count_layers(d['layers'])} ({acts})"
         extra = f"; bias-fold would give {d['e_biasfold_median']:.3f}" if d.get("e_biasfold_median") is not None else ""
         if d.get("e_requant_median") is not None:
             extra += f", plain requant {d['e_requant_median']:.3f}"
-        return (f"fidelity modulation x{d['layers']} ({acts}): e_mod median {d['e_mod_median']:.3f} max "
+        return (f"fidelity modulation {count_layers(d['layers'])} ({acts}): e_mod median {d['e_mod_median']:.3f} max "
                 f"{d['e_mod_max']:.3f}{extra}  (1.0 = LoRA effect lost)")
 
 
@@ -197,6 +198,16 @@ def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
             raise MergeError(f"modulation merge produced non-finite values in {k}")
     return out
+
+
+def _written_action(ctx: VerifyContext, layer: Layer, plan: Plan, kept_base: bool) -> str:
+    """What the merge wrote, as far as the files tell it (the merge report's action names): the base kept, only
+    the bias moved (a bias fold), or requantized weights (in the mode the merge was asked for)."""
+    if kept_base:
+        return "skip"
+    if all(ctx.unchanged(layer.key(part)) for part in WEIGHT_PARTS):
+        return "biasfold"
+    return plan.modulation_mode
 
 
 def _held_out_error(ctx: VerifyContext, layer: Layer, op: LayerOp) -> tuple[float, bool]:
