@@ -27,13 +27,14 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
 
 from .errors import (CodecError, FileError, MergeError, ShapeMismatch, UnknownFamily, UnmappedKeys,
                      UnsupportedFormat, VerifyFailed)
 from .layout import SVD_RANK
-from .lorapaths import LoraSpec
-from .outputs import check_output, name_warning, refuse_base_as_lora
+
+if TYPE_CHECKING:
+    from .lorapaths import LoraSpec
 
 __all__ = ["merge", "plan", "batch", "verify", "export_diffusers", "LoraSpec", "Report", "VerifyReport",
            "MergeError", "FileError", "UnknownFamily", "UnsupportedFormat", "ShapeMismatch", "UnmappedKeys",
@@ -43,15 +44,17 @@ MODULATION = "calibrated"  # the default of `mod` (--mod)
 DEVICE = "cpu"  # the default of `device` (--device)
 MAX_SHARD_SIZE = "5GB"  # the default of export_diffusers' `max_shard_size` (--max-shard-size)
 
-Lora = Union[LoraSpec, str, os.PathLike, tuple]
+Lora = Union["LoraSpec", str, os.PathLike, tuple]
 Progress = Callable[[int, int, str], None]
+# public names that live in modules the console script need not load to start (headers, the export)
+_ELSEWHERE = {"LoraSpec": "lorapaths", "ExportError": "export.tree"}
 
 
 def __getattr__(name: str):
-    if name == "ExportError":  # lives with the export, imported only when asked for
-        from .export.tree import ExportError
+    if name in _ELSEWHERE:
+        from importlib import import_module
 
-        return ExportError
+        return getattr(import_module(f".{_ELSEWHERE[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -258,6 +261,7 @@ def _plan_outputs(ckpt, base: str, entries: list[tuple[str | None, list[LoraSpec
     their LoRAs whatever happens next) and returns the plans' reports."""
     from .lorafile import swapped_arguments
     from .model import load_model
+    from .outputs import check_output, refuse_base_as_lora
 
     try:
         model = load_model(ckpt)
@@ -281,6 +285,7 @@ def _plan_outputs(ckpt, base: str, entries: list[tuple[str | None, list[LoraSpec
 
 
 def _plan_report(base: str, merge_plan, out: str, dry_run: bool) -> Report:
+    from .outputs import name_warning
     from .report import plan_report
 
     report = Report(plan_report(merge_plan, base, os.path.getsize(base)))
@@ -294,6 +299,8 @@ def _plan_report(base: str, merge_plan, out: str, dry_run: bool) -> Report:
 
 def _specs(loras: Iterable[Lora] | Lora) -> list[LoraSpec]:
     """The LoRAs as LoraSpecs; one LoRA given alone (not in a list) is taken as that list."""
+    from .lorapaths import LoraSpec
+
     if isinstance(loras, (str, os.PathLike, LoraSpec)):
         loras = [loras]
     return [LoraSpec.of(lora) for lora in loras]

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import click
 
 from . import __version__, api, interrupts
-from .batchfile import read_batch_file
-from .errors import MergeError
+from .errors import FileError, MergeError
 from .layout import MODULATION_MODES, SVD_RANK
 from .usage import run_one_line
 
@@ -50,37 +49,39 @@ class Progress:
         now = time.monotonic()
         if now - self.t0 < 1.0 and done < total or (now - self.t0 < 1.0 and self.last == 0.0):
             return  # short jobs stay quiet
-        frac = done / total
-        el = now - self.t0
-        eta = el / frac * (1 - frac) if frac > 0.01 else float("nan")
-        msg = f"{self.label} {frac * 100:5.1f}%  {done / 1e9:.2f}/{total / 1e9:.2f} GB  {el:5.0f}s elapsed" + (
-            f", ~{eta:.0f}s left" if eta == eta else "")
+        fraction = done / total
+        elapsed = now - self.t0
+        eta = elapsed / fraction * (1 - fraction) if fraction > 0.01 else float("nan")
+        line = (f"{self.label} {fraction * 100:5.1f}%  {done / 1e9:.2f}/{total / 1e9:.2f} GB  {elapsed:5.0f}s elapsed"
+                + (f", ~{eta:.0f}s left" if eta == eta else ""))
         if self.tty:
             if now - self.last > 0.2 or done >= total:
-                click.echo("\r" + msg + " " * 4, err=True, nl=done >= total)
+                click.echo("\r" + line + " " * 4, err=True, nl=done >= total)
                 self.last = now
         else:
-            dec = int(frac * 10)
-            if dec > self.last_decile:
-                self.last_decile = dec
-                click.echo(msg, err=True)
+            decile = int(fraction * 10)
+            if decile > self.last_decile:
+                self.last_decile = decile
+                click.echo(line, err=True)
 
 
-def fail(e: BaseException, debug: bool) -> None:
-    if isinstance(e, MergeError):
-        click.echo(f"error: {e}", err=True)
-        code = e.exit_code
-    elif isinstance(e, KeyboardInterrupt):
+def fail(error: BaseException, debug: bool) -> None:
+    """One `error:` line on stderr and the error's exit code (the traceback too with --debug)."""
+    if isinstance(error, MergeError):
+        click.echo(f"error: {error}", err=True)
+        code = error.exit_code
+    elif isinstance(error, KeyboardInterrupt):
         click.echo("error: interrupted; nothing was written", err=True)
         code = EXIT_INTERRUPTED
-    elif isinstance(e, OSError):
-        click.echo(f"error: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}", err=True)
+    elif isinstance(error, OSError):  # the API words these as FileError; kept for what fails outside it
+        click.echo(f"error: {FileError.from_os_error(error)}", err=True)
         code = EXIT_INPUT
     else:
-        click.echo(f"internal error: {type(e).__name__}: {e} (a bug; run with --debug for the traceback)", err=True)
+        click.echo(f"internal error: {type(error).__name__}: {error} (a bug; run with --debug for the traceback)",
+                   err=True)
         code = EXIT_BUG
     if debug:
-        traceback.print_exception(e)
+        traceback.print_exception(error)
     sys.exit(code)
 
 
@@ -122,7 +123,7 @@ class RunSettings:
                 "allow_unmapped": self.allow_unmapped, "overwrite": self.overwrite}
 
 
-def run_options(f):
+def run_options(command):
     """The click options of RunSettings, in the order --help shows them."""
     opts = [
         click.option("--dry-run", is_flag=True, help="Print the plan and key accounting; write nothing."),
@@ -147,9 +148,9 @@ def run_options(f):
         click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key."),
         click.option("--debug", is_flag=True, hidden=True),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    for option in reversed(opts):
+        command = option(command)
+    return command
 
 
 @main.command("merge")
@@ -187,31 +188,31 @@ def merge_cmd(base, loras, output, **settings):
     run_jobs(base, [(output, list(loras))], RunSettings(**settings))
 
 
-def run_jobs(base: str, entries: list[tuple], rs: RunSettings) -> None:
+def run_jobs(base: str, entries: list[tuple], run_settings: RunSettings) -> None:
     """Plan every (output, loras) entry against one base, then stream the base once for all of them."""
     try:
         with interrupts.handled():
-            reports = api.batch(base, entries, dry_run=rs.dry_run, progress=Progress(not rs.quiet),
-                                **rs.api_options())
+            reports = api.batch(base, entries, dry_run=run_settings.dry_run,
+                                progress=Progress(not run_settings.quiet), **run_settings.api_options())
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
-        fail(e, rs.debug)
+        fail(e, run_settings.debug)
         return
-    print_reports(reports, rs)
+    print_reports(reports, run_settings)
 
 
-def print_reports(reports: list[dict], rs: RunSettings) -> None:
+def print_reports(reports: list[dict], run_settings: RunSettings) -> None:
     from .report import render
 
-    if rs.as_json:
+    if run_settings.as_json:
         click.echo(reports[0].to_json() if len(reports) == 1 else json.dumps({"outputs": reports}, indent=1))
-    elif not rs.quiet:
-        click.echo("\n\n".join(render(report, rs.verbose) for report in reports))
-    echo_warnings(reports, rs)
+    elif not run_settings.quiet:
+        click.echo("\n\n".join(render(report, run_settings.verbose) for report in reports))
+    echo_warnings(reports, run_settings)
 
 
-def echo_warnings(reports: list[dict], rs: RunSettings) -> None:
+def echo_warnings(reports: list[dict], run_settings: RunSettings) -> None:
     """With --json or -q the report's warnings go to stderr (the text report shows them itself)."""
-    if rs.as_json or rs.quiet:
+    if run_settings.as_json or run_settings.quiet:
         for report in reports:
             for warning in report["warnings"]:
                 click.echo(f"warning: {warning}", err=True)
@@ -234,6 +235,8 @@ def batch_cmd(base, plan_file, sets, **settings):
                                             --output-set b.safetensors=style.safetensors:0.4,light.safetensors
     Every output is written to a temp file first and renamed only when all of them succeeded.
     """
+    from .batchfile import read_batch_file
+
     try:
         entries = read_batch_file(plan_file) if plan_file else []
         for item in sets:
@@ -273,21 +276,23 @@ def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
     Refused (exit 2, nothing written): a base whose smoothing is fused upstream, a family diffusers lacks, an
     existing DIR without --overwrite, a DIR that is or holds an input. The folder appears complete or not at all.
     """
-    rs = RunSettings(**settings)
+    run_settings = RunSettings(**settings)
     try:
         with interrupts.handled():  # SIGINT/SIGTERM/SIGHUP: no temp folder left, one line
-            report = api.export_diffusers(base, loras, out_dir, max_shard_size=max_shard_size, dry_run=rs.dry_run,
-                                          progress=Progress(not rs.quiet, "exporting"), **rs.api_options())
+            report = api.export_diffusers(base, loras, out_dir, max_shard_size=max_shard_size,
+                                          dry_run=run_settings.dry_run,
+                                          progress=Progress(not run_settings.quiet, "exporting"),
+                                          **run_settings.api_options())
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
-        fail(e, rs.debug)
+        fail(e, run_settings.debug)
         return
-    if rs.as_json:
+    if run_settings.as_json:
         click.echo(report.to_json())
-    elif not rs.quiet:
+    elif not run_settings.quiet:
         from .export import render_export
 
-        click.echo(render_export(report, rs.verbose))
-    echo_warnings([report], rs)
+        click.echo(render_export(report, run_settings.verbose))
+    echo_warnings([report], run_settings)
 
 
 @main.command("verify")
