@@ -107,6 +107,21 @@ def test_batch_matches_the_cli_batch(qwen_int4, tmp_path):
         assert _without(_as_json(mine), *skip) == _without(theirs, *skip)
 
 
+def test_batch_plan_entries_are_lora_specs_relative_to_the_plan(tmp_path):
+    from converter.batchfile import read_batch_file
+
+    plan_file = tmp_path / "plans" / "plan.json"
+    plan_file.parent.mkdir()
+    plan_file.write_text(json.dumps({"outputs": [
+        {"output": "a.safetensors", "loras": ["x.safetensors:0.8", {"path": "y.safetensors", "strength": 0.1 + 0.2}]},
+        {"loras": [{"path": "/abs/z.safetensors"}, "w.safetensors"]}]}), encoding="utf-8")
+    folder = str(plan_file.parent)
+    assert read_batch_file(str(plan_file)) == [
+        (os.path.join(folder, "a.safetensors"), [api.LoraSpec(os.path.join(folder, "x.safetensors"), 0.8),
+                                                 api.LoraSpec(os.path.join(folder, "y.safetensors"), 0.1 + 0.2)]),
+        (None, [api.LoraSpec("/abs/z.safetensors", 1.0), api.LoraSpec(os.path.join(folder, "w.safetensors"))])]
+
+
 # -- errors --------------------------------------------------------------------------------------------------------
 def test_errors_are_typed_with_the_clis_exit_code_and_message(qwen_int4, tmp_path):
     base, truth = qwen_int4
