@@ -1,10 +1,8 @@
-"""Command line: a thin click layer over converter.pipeline / converter.verify."""
+"""Command line: a thin click layer over the Python API (converter.api): options, usage, rendering, exit codes."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 import time
 import traceback
@@ -12,13 +10,12 @@ from dataclasses import dataclass
 
 import click
 
-from . import __version__, interrupts
-from .errors import MergeError, UnknownFamily
-from .layout import MODULATION_MODES
+from . import __version__, api, interrupts
+from .errors import FileError, MergeError
+from .layout import MODULATION_MODES, SVD_RANK
 from .usage import run_one_line
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_UNMAPPED, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-NAME_RX = re.compile(r"^svdq-(int4|fp4)_r(\d+)-(.+)$")
 
 
 class DefaultGroup(click.Group):
@@ -52,69 +49,40 @@ class Progress:
         now = time.monotonic()
         if now - self.t0 < 1.0 and done < total or (now - self.t0 < 1.0 and self.last == 0.0):
             return  # short jobs stay quiet
-        frac = done / total
-        el = now - self.t0
-        eta = el / frac * (1 - frac) if frac > 0.01 else float("nan")
-        msg = f"{self.label} {frac * 100:5.1f}%  {done / 1e9:.2f}/{total / 1e9:.2f} GB  {el:5.0f}s elapsed" + (
-            f", ~{eta:.0f}s left" if eta == eta else "")
+        fraction = done / total
+        elapsed = now - self.t0
+        eta = elapsed / fraction * (1 - fraction) if fraction > 0.01 else float("nan")
+        line = (f"{self.label} {fraction * 100:5.1f}%  {done / 1e9:.2f}/{total / 1e9:.2f} GB  {elapsed:5.0f}s elapsed"
+                + (f", ~{eta:.0f}s left" if eta == eta else ""))
         if self.tty:
             if now - self.last > 0.2 or done >= total:
-                click.echo("\r" + msg + " " * 4, err=True, nl=done >= total)
+                click.echo("\r" + line + " " * 4, err=True, nl=done >= total)
                 self.last = now
         else:
-            dec = int(frac * 10)
-            if dec > self.last_decile:
-                self.last_decile = dec
-                click.echo(msg, err=True)
+            decile = int(fraction * 10)
+            if decile > self.last_decile:
+                self.last_decile = decile
+                click.echo(line, err=True)
 
 
-def fail(e: BaseException, debug: bool) -> None:
-    if isinstance(e, MergeError):
-        click.echo(f"error: {e}", err=True)
-        code = e.exit_code
-    elif isinstance(e, KeyboardInterrupt):
+def fail(error: BaseException, debug: bool) -> None:
+    """One `error:` line on stderr and the error's exit code (the traceback too with --debug)."""
+    if isinstance(error, MergeError):
+        click.echo(f"error: {error}", err=True)
+        code = error.exit_code
+    elif isinstance(error, KeyboardInterrupt):
         click.echo("error: interrupted; nothing was written", err=True)
         code = EXIT_INTERRUPTED
-    elif isinstance(e, OSError):
-        click.echo(f"error: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}", err=True)
+    elif isinstance(error, OSError):  # the API words these as FileError; kept for what fails outside it
+        click.echo(f"error: {FileError.from_os_error(error)}", err=True)
         code = EXIT_INPUT
     else:
-        click.echo(f"internal error: {type(e).__name__}: {e} (a bug; run with --debug for the traceback)", err=True)
+        click.echo(f"internal error: {type(error).__name__}: {error} (a bug; run with --debug for the traceback)",
+                   err=True)
         code = EXIT_BUG
     if debug:
-        traceback.print_exception(e)
+        traceback.print_exception(error)
     sys.exit(code)
-
-
-def default_output(base: str, precision: str | None, rank: int, loras: list[str]) -> str:
-    stem = os.path.basename(base)
-    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
-    m = NAME_RX.match(stem)
-    rest = m.group(3) if m else stem
-    names = "+".join(os.path.splitext(os.path.basename(p))[0] for p in loras)
-    prec = "fp4" if precision == "nvfp4" else "int4"
-    return os.path.join(os.path.dirname(os.path.abspath(base)), f"svdq-{prec}_r{rank}-{rest}+{names}.safetensors")
-
-
-def name_warning(out: str, precision: str | None, rank: int) -> str | None:
-    """SGLang reads precision and rank from `svdq-{int4|fp4}_r{N}-` in the file name."""
-    stem = os.path.basename(out)
-    m = NAME_RX.match(stem)
-    if not m:
-        return None
-    prec = "fp4" if precision == "nvfp4" else "int4"
-    if m.group(1) != prec or int(m.group(2)) != rank:
-        right = f"svdq-{prec}_r{rank}-{m.group(3)}"
-        return (f"the output name says {m.group(1)} rank {m.group(2)} but the file is {prec} rank {rank}; loaders that "
-                f"read the name (SGLang) will fail. A right name: {right}")
-    return None
-
-
-def same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -141,16 +109,21 @@ class RunSettings:
     as_json: bool = False
     allow_unmapped: bool = False
     overwrite: bool = False
-    mod: str = "calibrated"
+    mod: str = api.MODULATION
     max_rank: int | None = None
-    svd_rank: int = 64
-    device: str = "cpu"
+    svd_rank: int = SVD_RANK
+    device: str = api.DEVICE
     quiet: bool = False
     verbose: bool = False
     debug: bool = False
 
+    def api_options(self) -> dict:
+        """The keyword arguments of the API functions these options set."""
+        return {"mod": self.mod, "max_rank": self.max_rank, "svd_rank": self.svd_rank, "device": self.device,
+                "allow_unmapped": self.allow_unmapped, "overwrite": self.overwrite}
 
-def run_options(f):
+
+def run_options(command):
     """The click options of RunSettings, in the order --help shows them."""
     opts = [
         click.option("--dry-run", is_flag=True, help="Print the plan and key accounting; write nothing."),
@@ -158,7 +131,7 @@ def run_options(f):
         click.option("--allow-unmapped", is_flag=True,
                      help="Merge what can be merged even if some LoRA keys have no target (they are listed)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output (never BASE or a LoRA)."),
-        click.option("--mod", type=click.Choice(MODULATION_MODES), default="calibrated", show_default=True,
+        click.option("--mod", type=click.Choice(MODULATION_MODES), default=api.MODULATION, show_default=True,
                      help="AWQ modulation layers (img_mod.1/txt_mod.1): requantize calibrated on the timestep "
                           "manifold, plain requantization, fold the mean effect into the bias only, or leave them "
                           "unchanged. A layer is never written worse than unchanged."),
@@ -166,18 +139,18 @@ def run_options(f):
                      help="Cap the uniform W4A4 rank (multiple of 16): a layer whose LoRA part does not fit keeps its "
                           "best approximation (truncated SVD); the dropped fraction is reported per layer. "
                           "Default: exact."),
-        click.option("--svd-rank", type=int, default=64, show_default=True,
+        click.option("--svd-rank", type=int, default=SVD_RANK, show_default=True,
                      help="Rank budget of W4A4 updates that are not low-rank (a full .diff, DoRA, a LoKr/LoHa of too "
                           "large a rank): they are stored by truncated SVD, with the captured fraction of each layer "
                           "reported. The uniform rank grows to at least base + this."),
-        click.option("--device", default="cpu", show_default=True, help="Device for the maths, e.g. cuda."),
+        click.option("--device", default=api.DEVICE, show_default=True, help="Device for the maths, e.g. cuda."),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr)."),
         click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key."),
         click.option("--debug", is_flag=True, hidden=True),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    for option in reversed(opts):
+        command = option(command)
+    return command
 
 
 @main.command("merge")
@@ -215,187 +188,34 @@ def merge_cmd(base, loras, output, **settings):
     run_jobs(base, [(output, list(loras))], RunSettings(**settings))
 
 
-def check_device(device: str) -> None:
-    if device != "cpu":
-        import torch
-
-        try:
-            torch.empty(1, device=device)
-        except Exception as e:  # noqa: BLE001 - torch raises several types here
-            raise MergeError(f"device {device!r} is not usable here: {str(e).splitlines()[0]}") from None
-
-
-def preload_torch() -> None:
-    """Start importing torch (seconds) on a thread: headers, plan and the first copies need none of it, so the
-    import overlaps them; the first layer transform waits for it. A failed import fails again there, loudly."""
-    import threading
-
-    def load() -> None:
-        try:
-            import torch  # noqa: F401
-        except BaseException:  # noqa: BLE001 - reported by the import that needs it
-            pass
-
-    threading.Thread(target=load, name="import torch", daemon=True).start()
-
-
-def check_output(base: str, plan, output: str | None, loras: list[str], *, dry_run: bool, overwrite: bool,
-                 taken: list[str]) -> tuple[str, dict]:
-    """The output path of one planned merge (given, or named after base and LoRAs) after every refusal that
-    protects the inputs and other outputs; returns it with the plan's report."""
-    from .lorafile import parse_spec
-    from .report import plan_report
-
-    lora_paths = [parse_spec(x)[0] for x in loras]
-    out = output or default_output(base, plan.model.precision, plan.new_rank, lora_paths)
-    rep = plan_report(plan, base, os.path.getsize(base))
-    rep["dry_run"] = dry_run
-    rep["output_planned"] = out
-    w = name_warning(out, plan.model.precision, plan.new_rank)
-    if w:
-        rep["warnings"].append(w)
-    if same_file(out, base):
-        raise MergeError(f"the output {out} is the base checkpoint {base}; refusing to write over an input")
-    for p in lora_paths:
-        if os.path.exists(out) and same_file(out, p):
-            raise MergeError(f"the output {out} is the LoRA {p}; refusing to write over an input")
-    if os.path.abspath(out) in {os.path.abspath(t) for t in taken}:
-        raise MergeError(f"two outputs of this run are both {out}")
-    if not dry_run:
-        if os.path.exists(out) and not overwrite:
-            raise MergeError(f"{out} exists; pass --overwrite to replace it")
-        folder = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(folder):
-            raise MergeError(f"output folder {folder} does not exist")
-    return out, rep
-
-
-def _plan_jobs(ckpt, base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings, opts,
-               jobs: list) -> list[dict]:
-    """Open and plan every (output, loras) entry against the opened base; appends each planned job to `jobs` (the
-    caller closes their LoRAs whatever happens next) and returns the plans' reports."""
-    from .lorafile import parse_spec, swapped_arguments
-    from .model import load_model
-    from .pipeline import Job, open_session, planned_output_bytes
-
-    try:
-        model = load_model(ckpt)
-    except UnknownFamily as e:
-        raise swapped_arguments(base, [x for _, loras in entries for x in loras]) or e from None
-    reports = []
-    for output, loras in entries:
-        for p in (parse_spec(x)[0] for x in loras):
-            if same_file(p, base):
-                raise MergeError(f"the LoRA {p} is the base checkpoint itself")
-        s = open_session(ckpt, loras, opts, model=model)
-        try:
-            out, rep = check_output(base, s.plan, output, loras, dry_run=rs.dry_run, overwrite=rs.overwrite,
-                                    taken=[j.out_path for j in jobs])
-        except BaseException:
-            s.close_loras()
-            raise
-        jobs.append(Job(s, out, replace=rs.overwrite))
-        reports.append(rep)
-    for rep, size in zip(reports, planned_output_bytes(ckpt, jobs)):
-        rep["expected_output_bytes"] = size  # exact: the header as it will be written, and the tensors
-    return reports
-
-
-def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings) -> None:
+def run_jobs(base: str, entries: list[tuple], run_settings: RunSettings) -> None:
     """Plan every (output, loras) entry against one base, then stream the base once for all of them."""
-    if not rs.dry_run:
-        preload_torch()
     try:
         with interrupts.handled():
-            reports = _run(base, entries, rs)
+            reports = api.batch(base, entries, dry_run=run_settings.dry_run,
+                                progress=Progress(not run_settings.quiet), **run_settings.api_options())
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
-        fail(e, rs.debug)
+        fail(e, run_settings.debug)
         return
-    print_reports(reports, rs)
+    print_reports(reports, run_settings)
 
 
-def _run(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings) -> list[dict]:
-    from .pipeline import Options, execute_many
-    from .report import summarize_layers
-    from .st_reader import Checkpoint
-
-    check_device(rs.device)
-    opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
-                   svd_rank=rs.svd_rank, progress=Progress(not rs.quiet))
-    with Checkpoint(base) as ckpt:
-        jobs: list = []
-        try:
-            reports = _plan_jobs(ckpt, base, entries, rs, opts, jobs)
-            if not rs.dry_run:
-                for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
-                    rep |= res | {"layers": j.session.records, "layers_summary": summarize_layers(j.session.records)}
-        finally:
-            for j in jobs:
-                j.session.close_loras()
-    return reports
-
-
-def print_reports(reports: list[dict], rs: RunSettings) -> None:
+def print_reports(reports: list[dict], run_settings: RunSettings) -> None:
     from .report import render
 
-    if rs.as_json:
-        click.echo(json.dumps(reports[0] if len(reports) == 1 else {"outputs": reports}, indent=1))
-    elif not rs.quiet:
-        click.echo("\n\n".join(render(r, rs.verbose) for r in reports))
-    if rs.as_json or rs.quiet:
-        for r in reports:
-            for w in r["warnings"]:
-                click.echo(f"warning: {w}", err=True)
+    if run_settings.as_json:
+        click.echo(reports[0].to_json() if len(reports) == 1 else json.dumps({"outputs": reports}, indent=1))
+    elif not run_settings.quiet:
+        click.echo("\n\n".join(render(report, run_settings.verbose) for report in reports))
+    echo_warnings(reports, run_settings)
 
 
-def read_batch_file(path: str) -> list[tuple[str | None, list[str]]]:
-    """JSON or TOML: {"outputs": [{"output": "a.safetensors", "loras": ["x.safetensors:0.8", ...]}, ...]}.
-    A LoRA may also be {"path": ..., "strength": ...}. Relative paths are relative to the plan file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if path.endswith(".toml"):
-            import tomllib
-
-            data = tomllib.loads(raw.decode())
-        else:
-            data = json.loads(raw)
-    except (OSError, ValueError, RecursionError) as e:
-        raise MergeError(f"cannot read batch file {path}: {e}") from None
-    root = os.path.dirname(os.path.abspath(path))
-    rel = lambda p: p if os.path.isabs(p) else os.path.join(root, p)
-    entries = []
-    outs = data.get("outputs") if isinstance(data, dict) else None
-    if not isinstance(outs, list) or not outs:
-        raise MergeError(f"{path}: expected a non-empty 'outputs' list")
-    for i, e in enumerate(outs):
-        if not isinstance(e, dict) or not isinstance(e.get("loras"), list) or not e["loras"]:
-            raise MergeError(f"{path}: outputs[{i}] needs a non-empty 'loras' list")
-        specs = []
-        for l in e["loras"]:
-            if isinstance(l, str):
-                p, sep, st = l.rpartition(":")
-                specs.append(rel(l) if not sep or not _is_number(st) else f"{rel(p)}:{st}")
-            elif isinstance(l, dict) and isinstance(l.get("path"), str):
-                strength = l.get("strength", 1.0)
-                if not _is_number(str(strength)) or isinstance(strength, bool):
-                    raise MergeError(f"{path}: outputs[{i}] gives {l['path']} the strength {strength!r}, not a number")
-                specs.append(f"{rel(l['path'])}:{float(strength)}")
-            else:
-                raise MergeError(f"{path}: outputs[{i}] has a bad LoRA entry {l!r}")
-        out = e.get("output")
-        if out is not None and not isinstance(out, str):
-            raise MergeError(f"{path}: outputs[{i}] has an output {out!r} that is not a path")
-        entries.append((rel(out) if out else None, specs))
-    return entries
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
+def echo_warnings(reports: list[dict], run_settings: RunSettings) -> None:
+    """With --json or -q the report's warnings go to stderr (the text report shows them itself)."""
+    if run_settings.as_json or run_settings.quiet:
+        for report in reports:
+            for warning in report["warnings"]:
+                click.echo(f"warning: {warning}", err=True)
 
 
 @main.command("batch")
@@ -415,13 +235,15 @@ def batch_cmd(base, plan_file, sets, **settings):
                                             --output-set b.safetensors=style.safetensors:0.4,light.safetensors
     Every output is written to a temp file first and renamed only when all of them succeeded.
     """
+    from .batchfile import read_batch_file
+
     try:
         entries = read_batch_file(plan_file) if plan_file else []
         for item in sets:
             out, sep, rest = item.partition("=")
             if not sep or not out or not rest:
                 raise MergeError(f"--output-set wants OUT=LORA[:S][,LORA[:S]...], got {item!r}")
-            entries.append((out, [x for x in rest.split(",") if x]))
+            entries.append((out, [text for text in rest.split(",") if text]))
         if not entries:
             raise MergeError("nothing to do: give a plan file or --output-set")
     except MergeError as e:
@@ -435,7 +257,7 @@ def batch_cmd(base, plan_file, sets, **settings):
 @click.argument("loras", nargs=-1, metavar="[LORA[:STRENGTH]...]")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The diffusers component folder to write (e.g. the `transformer` folder of a pipeline).")
-@click.option("--max-shard-size", default="5GB", show_default=True,
+@click.option("--max-shard-size", default=api.MAX_SHARD_SIZE, show_default=True,
               help="Split the weights into numbered shards + an index above this size (500MB, 10GB, ...).")
 @run_options
 def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
@@ -454,29 +276,23 @@ def export_diffusers_cmd(base, loras, out_dir, max_shard_size, **settings):
     Refused (exit 2, nothing written): a base whose smoothing is fused upstream, a family diffusers lacks, an
     existing DIR without --overwrite, a DIR that is or holds an input. The folder appears complete or not at all.
     """
-    from .export import ExportOptions, export_diffusers, parse_size, render_export
-    from .pipeline import Options
-
-    rs = RunSettings(**settings)
-    if not rs.dry_run:
-        preload_torch()
+    run_settings = RunSettings(**settings)
     try:
-        check_device(rs.device)
-        xo = ExportOptions(out_dir, parse_size(max_shard_size), rs.overwrite, rs.dry_run)
-        opts = Options(modulation=rs.mod, allow_unmapped=rs.allow_unmapped, device=rs.device, max_rank=rs.max_rank,
-                       svd_rank=rs.svd_rank, progress=Progress(not rs.quiet, "exporting"))
         with interrupts.handled():  # SIGINT/SIGTERM/SIGHUP: no temp folder left, one line
-            rep = export_diffusers(base, list(loras), opts, xo)
+            report = api.export_diffusers(base, loras, out_dir, max_shard_size=max_shard_size,
+                                          dry_run=run_settings.dry_run,
+                                          progress=Progress(not run_settings.quiet, "exporting"),
+                                          **run_settings.api_options())
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - mapped to one line and an exit code
-        fail(e, rs.debug)
+        fail(e, run_settings.debug)
         return
-    if rs.as_json:
-        click.echo(json.dumps(rep, indent=1))
-    elif not rs.quiet:
-        click.echo(render_export(rep, rs.verbose))
-    if rs.as_json or rs.quiet:
-        for w in rep["warnings"]:
-            click.echo(f"warning: {w}", err=True)
+    if run_settings.as_json:
+        click.echo(report.to_json())
+    elif not run_settings.quiet:
+        from .export import render_export
+
+        click.echo(render_export(report, run_settings.verbose))
+    echo_warnings([report], run_settings)
 
 
 @main.command("verify")
@@ -505,25 +321,21 @@ def verify_cmd(base, merged, loras, as_json, plot_path, allow_unmapped, quiet, v
     one rank for every W4A4 layer equal to the metadata rank, metadata otherwise unchanged.
     Exit 0 when everything holds, 4 when something does not, 2 on bad input.
     """
-    from .report import render_verify, verify_report
-    from .verify import plot, verify
+    from .report import render_verify
 
     try:
-        res, s = verify(base, merged, list(loras), allow_unmapped=allow_unmapped)
-        s.close()
-        if plot_path:
-            plot(res, plot_path)
+        report = api.verify(base, merged, loras, allow_unmapped=allow_unmapped, plot=plot_path or None)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
         fail(e, debug)
         return
-    rep = verify_report(res)
     if as_json:
-        click.echo(json.dumps(rep, indent=1))
+        click.echo(report.to_json())
     elif not quiet:
-        click.echo(render_verify(rep, verbose))
-    verdict = "OK" if res.ok else f"FAILED ({len(res.contract)} contract problems, {len(res.failed)} layers)"
+        click.echo(render_verify(report, verbose))
+    verdict = "OK" if report.ok else (f"FAILED ({len(report['contract'])} contract problems, "
+                                      f"{len(report.failed)} layers)")
     click.echo(f"verify: {verdict}", err=True)
-    sys.exit(EXIT_OK if res.ok else EXIT_VERIFY)
+    sys.exit(EXIT_OK if report.ok else EXIT_VERIFY)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m converter` installs the signal handler sooner

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 
 MAX_RANK = 1024  # Nunchaku's kernel limit of a low-rank branch (Lora::MAX_RANK)
+SVD_RANK = 64  # default rank budget of W4A4 updates that are not low-rank (full diffs, DoRA)
 
 # How the AWQ modulation layers take a LoRA (converter.modulation): the CLI's --mod choices.
 MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")

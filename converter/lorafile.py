@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from . import adapters
 from .errors import MergeError, UnsupportedFormat
-# parse_spec is imported from here by the CLI and the tests
-from .lorapaths import is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401
+# parse_spec is imported from here by the tests
+from .lorapaths import LoraSpec, is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401
 from .st_reader import Checkpoint
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names
@@ -294,8 +294,9 @@ def _pair_lone_alphas(lf: LoraFile) -> None:
             del lf.modules[key]
 
 
-def open_lora(spec: str) -> LoraFile:
-    path, strength = lora_path(spec)
+def open_lora(spec: LoraSpec | str) -> LoraFile:
+    """Open and parse one LoRA (a str is read as `LORA[:STRENGTH]`); the caller closes `.ckpt`."""
+    path, strength = lora_path(LoraSpec.of(spec))
     lf = LoraFile(path, strength, Checkpoint(path))
     try:
         prefixes, styles, peft_names = _parse_keys(lf)
@@ -328,13 +329,13 @@ def lora_key_example(keys) -> str | None:
     return None
 
 
-def swapped_arguments(base: str, specs: list[str]) -> MergeError | None:
+def swapped_arguments(base: str, specs: list[LoraSpec]) -> MergeError | None:
     """BASE is a LoRA file and some LORA argument a Nunchaku checkpoint: the two were given the wrong way round."""
     with Checkpoint(base) as ckpt:
         if lora_key_example(ckpt.keys()) is None:
             return None
     for spec in specs:
-        path = parse_spec(spec)[0]
+        path = spec.path
         if not os.path.isfile(path):
             continue
         with Checkpoint(path) as other:

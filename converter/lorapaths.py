@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 
 from .errors import MergeError
 from .st_reader import Checkpoint
@@ -28,13 +29,77 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def lora_path(spec: str) -> tuple[str, float]:
-    """The LoRA file a `LORA[:STRENGTH]` argument names, and its strength; a missing file is explained."""
-    path, strength = parse_spec(spec)
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to merge: its file (or PEFT `save_pretrained` folder) and its strength.
+
+    Args:
+        path: the LoRA's `.safetensors` file, or a PEFT folder holding `adapter_model.safetensors` beside its
+            `adapter_config.json`.
+        strength: the factor the LoRA's update is scaled by (negative allowed; finite).
+        text: the `LORA[:STRENGTH]` text it was parsed from, if any (named in messages; not compared).
+
+    Raises:
+        MergeError: a strength that is not a finite number, or a path that is not a string.
+    """
+
+    path: str
+    strength: float = 1.0
+    text: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str):
+            raise MergeError(f"a LoRA path must be a string, not {self.path!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise MergeError(f"the strength of {self.path} is {self.strength!r}, not a number")
+        if not math.isfinite(self.strength):
+            raise MergeError(f"strength in {self.text or f'{self.path}:{float(self.strength)}'!r} is not a finite "
+                             "number")
+        object.__setattr__(self, "strength", float(self.strength))  # frozen: set once, here
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """The command line's `LORA[:STRENGTH]`.
+
+        Args:
+            text: a path, optionally followed by `:` and a number (`style.safetensors:0.8`); a tail that is no
+                number stays part of the path.
+
+        Returns:
+            The LoraSpec, remembering `text` for messages.
+        """
+        path, strength = parse_spec(text)
+        return cls(path, strength, text)
+
+    @classmethod
+    def of(cls, value: LoraSpec | str | os.PathLike | tuple) -> LoraSpec:
+        """Any form the Python API takes for a LoRA.
+
+        Args:
+            value: a LoraSpec; a `str` in the `LORA[:STRENGTH]` form; an `os.PathLike` (a path, never parsed);
+                or a `(path, strength)` pair.
+
+        Returns:
+            The LoraSpec.
+        """
+        if isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, os.PathLike):
+            return cls(os.fspath(value))
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (str, os.PathLike)):
+            return cls(os.fspath(value[0]), value[1])
+        raise MergeError(f"a LoRA is a path, a (path, strength) pair or a LoraSpec, not {value!r}")
+
+
+def lora_path(spec: LoraSpec) -> tuple[str, float]:
+    """The LoRA file a spec names, and its strength; a missing file is explained."""
+    path, strength = spec.path, spec.strength
     if os.path.isdir(path):
         return peft_folder_file(path), strength
     if not os.path.isfile(path):
-        raise MergeError(_not_found(spec, path))
+        raise MergeError(_not_found(spec.text, path) if spec.text else f"LoRA file not found: {path}")
     return path, strength
 
 

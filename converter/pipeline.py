@@ -11,7 +11,7 @@ from typing import Callable
 from . import __version__, interrupts
 from .errors import MergeError
 from .layers import MergeContext, kind_of
-from .lorafile import LoraFile, open_lora
+from .lorafile import LoraFile, LoraSpec, open_lora
 from .model import Model, load_model
 from .naming import natural
 from .planner import SVD_RANK, Plan, build_plan, updated_metadata
@@ -48,7 +48,7 @@ class Session:
             lf.ckpt.close()
 
 
-def open_session(base: str | Checkpoint, lora_specs: list[str], opts: Options, model: Model | None = None) -> Session:
+def open_session(base: str | Checkpoint, lora_specs: list[LoraSpec], opts: Options, model: Model | None = None) -> Session:
     """Open (or share) the base, open the LoRAs and build the plan. A shared base stays open on failure."""
     own = not isinstance(base, Checkpoint)
     ckpt = Checkpoint(base) if own else base

@@ -14,13 +14,11 @@ from mappings import FAMILIES, FOREIGN_SIGNATURES
 from .adapters import Adapter
 from .errors import MergeError, ShapeMismatch, UnmappedKeys
 from .layers import LayerKind, kind_of
-from .layout import MAX_RANK, MODULATION_MODES, Layer, Layout, Segment
+from .layout import MAX_RANK, MODULATION_MODES, SVD_RANK, Layer, Layout, Segment
 from .lorafile import LoraFile, LoraModule
 from .model import Model
 from .naming import pattern
 from .repeats import Repeat, find_repeats, fold_repeats
-
-SVD_RANK = 64  # default rank budget of W4A4 updates that are not low-rank (full diffs, DoRA)
 
 
 def round16(n: int) -> int:

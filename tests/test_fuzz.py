@@ -34,9 +34,9 @@ from lora_builders import FORMATS, lora_keys  # noqa: E402
 # keys, LORA argument, batch plan) and the error type. The properties also read: Checkpoint .tensors (TensorInfo
 # .dtype .shape .start .nbytes), .read_bytes, .metadata, .keys; LoraFile .ckpt .modules (LoraModule .name .keys
 # .adapters) .ignored .unsupported; Adapter .rank .shape .scale .title; Model .rank
-from converter.cli import read_batch_file  # noqa: E402
+from converter.batchfile import read_batch_file  # noqa: E402
 from converter.errors import MergeError  # noqa: E402
-from converter.lorafile import open_lora, parse_spec  # noqa: E402
+from converter.lorafile import LoraSpec, open_lora, parse_spec  # noqa: E402
 from converter.model import load_model  # noqa: E402
 from converter.st_reader import Checkpoint  # noqa: E402
 
@@ -630,4 +630,5 @@ def test_batch_plan_parser_raises_only_merge_error(scratch, doc, toml, text):
     assert isinstance(entries, list) and entries
     for out, specs in entries:
         assert out is None or isinstance(out, str)
-        assert specs and all(isinstance(s, str) for s in specs)
+        assert specs and all(isinstance(spec, LoraSpec) and isinstance(spec.path, str)
+                             and math.isfinite(spec.strength) for spec in specs)

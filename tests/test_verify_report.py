@@ -199,7 +199,7 @@ def test_plot_has_integer_blocks_tolerances_a_legend_and_every_kind(qwen, tmp_pa
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from converter.verify import figure, verify
+    from converter.verification import figure, verify
 
     base, truth = qwen
     lp = _lora(truth, tmp_path / "a.safetensors", modulation=True)

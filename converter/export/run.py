@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..layers import MergeContext
-from ..lorafile import parse_spec
+from ..lorafile import LoraSpec
 from ..naming import human_bytes
 from ..pipeline import Options, Session, open_session, post_write_check, progress_counter, provenance
 from ..report import plan_report, render, summarize_layers
@@ -54,9 +54,9 @@ def refuse_unexportable(model) -> None:
                           "take a pre-divided input, so it cannot be exported")
 
 
-def plan_export(base: str, lora_specs: list[str], opts: Options, xo: ExportOptions) -> ExportPlan:
+def plan_export(base: str, lora_specs: list[LoraSpec], opts: Options, xo: ExportOptions) -> ExportPlan:
     """Open, refuse or plan; the caller closes `.session`. Reads headers only (and no torch)."""
-    inputs = [base] + [parse_spec(x)[0] for x in lora_specs]
+    inputs = [base] + [spec.path for spec in lora_specs]
     target = check_target(xo.out_dir, inputs, overwrite=xo.overwrite or xo.dry_run)
     s = open_session(base, lora_specs, opts)
     try:
@@ -84,7 +84,7 @@ def _export_summary(s: Session, tree: ExportTree, shards: list[Shard], qc: dict)
             "files": [sh.file for sh in shards]}
 
 
-def export_diffusers(base: str, lora_specs: list[str], opts: Options, xo: ExportOptions) -> dict:
+def export_diffusers(base: str, lora_specs: list[LoraSpec], opts: Options, xo: ExportOptions) -> dict:
     """Plan, then (unless a dry run) write the folder; returns the report (the merge's, plus `export`)."""
     xp = plan_export(base, lora_specs, opts, xo)
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .errors import MergeError
 from .layers import BY_NAME, VerifyContext, kind_of
 from .layout import MODULATION_MODES
-from .lorafile import file_sha256, parse_spec
+from .lorafile import LoraSpec, file_sha256
 from .pipeline import Options, Session, open_session
 from .planner import SVD_RANK, Plan
 from .st_reader import Checkpoint
@@ -155,7 +155,7 @@ def _find_lora(merged_path: str, entry) -> dict:
 
 
 # -- checking ---------------------------------------------------------------------------------------------------
-def verify(base_path: str, merged_path: str, lora_specs: list[str], *, allow_unmapped: bool = False,
+def verify(base_path: str, merged_path: str, lora_specs: list[LoraSpec], *, allow_unmapped: bool = False,
            progress=None) -> tuple[VerifyResult, Session]:
     """Plan as the merge did (its recorded settings; its recorded LoRAs when none are given), then check every
     layer of MERGED through its layer kind. The caller closes the returned session."""
@@ -164,11 +164,10 @@ def verify(base_path: str, merged_path: str, lora_specs: list[str], *, allow_unm
         record = merge_record(merged)
         opts, res.settings = recorded_options(record, allow_unmapped)
         if lora_specs:
-            res.loras = [{"path": path, "strength": strength, "found": "given"}
-                         for path, strength in map(parse_spec, lora_specs)]
+            res.loras = [{"path": spec.path, "strength": spec.strength, "found": "given"} for spec in lora_specs]
         else:
             res.loras = recorded_loras(merged_path, record)
-            lora_specs = [f"{lora['path']}:{lora['strength']!r}" for lora in res.loras]
+            lora_specs = [LoraSpec(lora["path"], lora["strength"]) for lora in res.loras]
         session = open_session(base_path, lora_specs, opts)
         try:
             res.contract = check_contract(session.base, merged)
