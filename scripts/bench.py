@@ -209,6 +209,34 @@ def lokr_specs(blocks: int, r: int) -> list[OutSpec]:
     return st_order(s)
 
 
+DORA_RANK = 16
+
+
+def w4a4_modules() -> tuple[tuple[str, int, int], ...]:
+    """The LoRA modules that land on the W4A4 layers (to_q/k/v fuse into to_qkv): 480 layers for 60 blocks."""
+    return tuple(m for m in LORA_MODULES if not m[0].endswith("_mod.1"))
+
+
+def dora_specs(blocks: int, r: int) -> list[OutSpec]:
+    """A LyCORIS LoRA + DoRA (`dora_scale` (out, 1), the default since 2025) of rank r on every W4A4 module."""
+    s = []
+    for b in range(blocks):
+        for m, o, i in w4a4_modules():
+            k = f"lycoris_transformer_blocks_{b}_{m.replace('.', '_')}"
+            s += [OutSpec(f"{k}.lora_down.weight", "BF16", (r, i)), OutSpec(f"{k}.lora_up.weight", "BF16", (o, r)),
+                  OutSpec(f"{k}.alpha", "BF16", ()), OutSpec(f"{k}.dora_scale", "BF16", (o, 1))]
+    return st_order(s)
+
+
+def diff_specs(blocks: int) -> list[OutSpec]:
+    """A LyCORIS full weight difference (`.diff` (out, in)) on every W4A4 module (as large as the dense model)."""
+    s = []
+    for b in range(blocks):
+        for m, o, i in w4a4_modules():
+            s.append(OutSpec(f"lycoris_transformer_blocks_{b}_{m.replace('.', '_')}.diff", "BF16", (o, i)))
+    return st_order(s)
+
+
 # ---------------------------------------------------------------------------------------- random fills
 class Filler:
     """Random tensor contents; numpy PCG64 for the bulk random bits (~8x faster than torch.randint here)."""
@@ -288,6 +316,22 @@ def lokr_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
     if part == "lokr_w2_b":  # (r, in/f)
         return f.normal(spec.shape, 1.0 / math.sqrt(spec.shape[1]))
     return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]) / LOKR_FACTOR)  # w2_a (out/f, r)
+
+
+def dora_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
+    """dora_scale: row norms of a unit-scale weight (sqrt(in) / sqrt(in) = 1) moved by a few percent."""
+    part = spec.name.split(".", 1)[1]
+    if part == "alpha":
+        return torch.tensor(float(DORA_RANK), dtype=BF16)
+    if part == "dora_scale":
+        return f.lognormal(spec.shape, 1.0, 0.03)
+    if part == "lora_down.weight":
+        return f.normal(spec.shape, 1.0 / math.sqrt(spec.shape[1]))
+    return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]))
+
+
+def diff_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
+    return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]))
 
 
 def _matches(path: Path, specs: list[OutSpec], meta: dict[str, str]) -> bool:

@@ -166,31 +166,31 @@ def _delta_in_stored_rows(ctx: MergeContext, layer: Layer, op: LayerOp):
 def _requantize(ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp):
     import torch
 
-    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
+    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams
     from ..modulation import merge_modulation
 
     inputs = ModulationInputs.of(ctx)
     ng = layer.in_features // GROUP
-    codes = AwqQWeight.unpack(ctx.base.get(layer.key("qweight")))
+    qweight = ctx.base.get(layer.key("qweight"))  # packed: only the code columns that may change are unpacked
     scales = AwqGroupParams.unpack(ctx.base.get(layer.key("wscales"))[:ng]).float()
     zeros = AwqGroupParams.unpack(ctx.base.get(layer.key("wzeros"))[:ng]).float()
     bias = ctx.base.get(layer.key("bias")).float() if layer.has_bias else torch.zeros(layer.out_features)
     delta_w, db = _delta_in_stored_rows(ctx, layer, op)
-    return merge_modulation(codes, scales, zeros, bias, delta_w, db, inputs.calibration, inputs.x_eval,
+    return merge_modulation(qweight, scales, zeros, bias, delta_w, db, inputs.calibration, inputs.x_eval,
                             mode=plan.modulation_mode, group_size=GROUP, device=ctx.device)
 
 
 def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
     import torch
 
-    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
+    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams
 
     ng = layer.in_features // GROUP
     ws, wz = ctx.base.get(layer.key("wscales")), ctx.base.get(layer.key("wzeros"))
     new_ws, new_wz = ws.clone(), wz.clone()  # keep any padding rows of the stored group params
     new_ws[:ng] = AwqGroupParams.pack(res.scales).to(ws.dtype)
     new_wz[:ng] = AwqGroupParams.pack(res.zeros).to(wz.dtype)
-    out = {layer.key("qweight"): AwqQWeight.pack(res.codes), layer.key("wscales"): new_ws, layer.key("wzeros"): new_wz}
+    out = {layer.key("qweight"): res.qweight, layer.key("wscales"): new_ws, layer.key("wzeros"): new_wz}
     if layer.has_bias:
         out[layer.key("bias")] = res.bias.to(ctx.base.tensors[layer.key("bias")].torch_dtype)
     for k, t in out.items():
