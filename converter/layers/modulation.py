@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MergeError
 from ..layout import Layout
-from .base import LayerKind
+from .base import LayerKind, keep_freed_memory
 
 if TYPE_CHECKING:
     import torch
@@ -22,22 +22,6 @@ if TYPE_CHECKING:
 
 MOD_TOL = 1.0  # verify: never worse than leaving the layer as it was
 WEIGHT_PARTS = ("qweight", "wscales", "wzeros")
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Ask glibc's malloc to keep up to `limit` bytes of freed memory instead of handing it back to the
-    kernel at once. A modulation layer allocates ~1 GB of short-lived fp32 temporaries; returned and faulted
-    in again for every layer, the page faults took a third of its time (measured: 1.7 -> 1.2 s a layer,
-    with the peak memory unchanged). Process-wide; best effort: a no-op where the C library is not glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        return bool(libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, limit)
-                    and libc.mallopt(m_top_pad, 64 << 20))
-    except (OSError, AttributeError):
-        return False
 
 
 class ModulationInputs:
