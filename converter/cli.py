@@ -137,7 +137,7 @@ class RunSettings:
     mod: str = "calibrated"
     max_rank: int | None = None
     svd_rank: int = 64
-    device: str = "cpu"
+    device: str = "auto"
     quiet: bool = False
     verbose: bool = False
     debug: bool = False
@@ -163,7 +163,9 @@ def run_options(f):
                      help="Rank budget of W4A4 updates that are not low-rank (a full .diff, DoRA, a LoKr/LoHa of too "
                           "large a rank): they are stored by truncated SVD, with the captured fraction of each layer "
                           "reported. The uniform rank grows to at least base + this."),
-        click.option("--device", default="cpu", show_default=True, help="Device for the maths, e.g. cuda."),
+        click.option("--device", default="auto", show_default=True,
+                     help="Device for the per-layer maths: auto (a CUDA GPU when torch sees one and the plan has "
+                          "modulation layers or dense updates, else the CPU), cpu, cuda, cuda:N."),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr)."),
         click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key."),
         click.option("--debug", is_flag=True, hidden=True),
@@ -206,7 +208,7 @@ def merge_cmd(base, loras, output, **settings):
 
 
 def check_device(device: str) -> None:
-    if device != "cpu":
+    if device not in ("cpu", "auto"):
         import torch
 
         try:
@@ -301,7 +303,7 @@ def run_jobs(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSett
 
 def _run(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings) -> list[dict]:
     from .pipeline import Options, execute_many
-    from .report import summarize_layers
+    from .report import account_written, summarize_layers
     from .st_reader import Checkpoint
 
     check_device(rs.device)
@@ -314,6 +316,7 @@ def _run(base: str, entries: list[tuple[str | None, list[str]]], rs: RunSettings
             if not rs.dry_run:
                 for j, rep, res in zip(jobs, reports, execute_many(ckpt, jobs, opts)):
                     rep |= res | {"layers": j.session.records, "layers_summary": summarize_layers(j.session.records)}
+                    account_written(rep, j.session.plan, j.session.records)
         finally:
             for j in jobs:
                 j.session.close_loras()
@@ -504,7 +507,7 @@ def verify_cmd(base, merged, loras, as_json, plot_path, allow_unmapped, quiet, d
 
 def render_verify(res) -> str:
     import statistics
-    from collections import defaultdict
+    from collections import Counter, defaultdict
 
     from .layers import by_name
 
@@ -519,6 +522,8 @@ def render_verify(res) -> str:
         vals = [l[key] for l in ls if key in l]
         bad = sum(not l["ok"] for l in ls)
         fig = f"{key} median {statistics.median(vals):.3g} max {max(vals):.3g}" if vals else ""
+        acts = Counter(l["action"] for l in ls if "action" in l)  # what the file holds (modulation)
+        fig += f" (written: {', '.join(f'{a} {n}' for a, n in sorted(acts.items()))})" if acts else ""
         lines.append(f"{kind:15s} {len(ls):4d} layers  {bad} failing  {fig}")
     for l in res.failed[:20]:
         lines.append(f"FAIL      {l['layer']}: {'; '.join(l['problems'])}")

@@ -50,6 +50,27 @@ def plan_report(plan: Plan, base_path: str, base_bytes: int) -> dict:
     }
 
 
+def account_written(rep: dict, plan: Plan, records: list[dict]) -> None:
+    """After the merge: the applied keys of a layer that was written unchanged (a modulation layer whose base
+    scored best) are not applied; they move to their own outcome, "unchanged", listed with the reason, and a
+    warning says so."""
+    kept = [r for r in records if r.get("written_unchanged")]
+    for r in kept:
+        for c in plan.ops[r["layer"]].contributions:
+            lf, entry = plan.loras[c.lora], rep["loras"][c.lora]
+            keys = [k for m in lf.modules.values() if m.name == c.module for k in m.keys.values()]
+            moved = [k for k in keys if k in set(plan.accounts[c.lora].applied)
+                     and k not in {u["key"] for u in entry.setdefault("unchanged", [])}]
+            entry["unchanged"] += [{"key": k, "reason": f"layer written unchanged: {r.get('why', 'base kept')}"}
+                                   for k in moved]
+            entry["keys"]["applied"] -= len(moved)
+            entry["keys"]["unchanged"] = len(entry["unchanged"])
+    if kept:
+        n = sum(e["keys"].get("unchanged", 0) for e in rep["loras"])
+        rep["warnings"].append(f"{len(kept)} targeted layers were written unchanged (the base scored best on held-out "
+                               f"timesteps): their {n} keys are listed as unchanged, not applied")
+
+
 def summarize_layers(records: list[dict]) -> dict:
     by_kind: dict[str, list[dict]] = {}
     for r in records:
@@ -59,9 +80,12 @@ def summarize_layers(records: list[dict]) -> dict:
 
 def _render_keys(i: int, l: dict, verbose: bool) -> list[str]:
     k = l["keys"]
+    unchanged = f", unchanged {k['unchanged']}" if k.get("unchanged") else ""
     lines = [f"lora {i}   {l['path']}  strength {l['strength']:g}  format: {l['format']}",
-             f"         keys {k['total']}: applied {k['applied']}, ignored {k['ignored']}, unmapped {k['unmapped']}"]
-    for what, rows, field in (("ignored", l["ignored"], "rule"), ("unmapped", l["unmapped"], "reason")):
+             f"         keys {k['total']}: applied {k['applied']}{unchanged}, ignored {k['ignored']}, "
+             f"unmapped {k['unmapped']}"]
+    for what, rows, field in (("unchanged", l.get("unchanged", []), "reason"), ("ignored", l["ignored"], "rule"),
+                              ("unmapped", l["unmapped"], "reason")):
         if rows:
             c = Counter(f"{module_pattern(r['key'])}  ({r[field]})" for r in rows)
             shown = c.most_common(None if verbose else 6)
@@ -103,4 +127,6 @@ def render(rep: dict, verbose: bool = False) -> str:
     elif rep.get("output"):
         how = {"direct": ", direct I/O", "buffered": ""}.get(rep.get("write_mode", ""), "")
         lines.append(f"wrote    {rep['output']} ({human_bytes(rep['output_bytes'])}) in {rep['seconds']:.1f} s{how}")
+        if rep.get("device"):
+            lines.append(f"device   {rep['device']} ({rep['device_reason']})")
     return "\n".join(lines)

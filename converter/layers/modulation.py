@@ -80,10 +80,10 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
             return {}, None
         with ctx.all_threads():  # the modulation layers' big products get every thread
             res = _requantize(ctx, plan, layer, op)
-        rec = {"action": res.action, "e_mod": res.e_mod, "e_asked": res.e_asked, "e_biasfold": res.e_biasfold,
+        rec = {"action": res.action, "asked": res.mode, "e_mod": res.e_mod, "e_asked": res.e_asked, "e_biasfold": res.e_biasfold,
                "e_biasfold_ideal": res.e_biasfold_ideal, "e_skip": res.e_skip, "e_requant": res.e_requant,
                "codes_changed": res.codes_changed, "zeros_changed": res.zeros_changed,
-               "bias_changed": res.bias_changed}
+               "bias_changed": res.bias_changed, "why": res.why, "written_unchanged": res.action == "skip"}
         return ({} if res.action == "skip" else _pack(ctx, layer, res)), rec
 
     @classmethod
@@ -96,6 +96,7 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
                 probs.append("changed although no LoRA targets it")
         else:
             rec["e_mod"], rec["kept_base"] = _held_out_error(ctx, layer, op)
+            rec["action"] = _written_action(ctx, layer)
             if rec["e_mod"] > MOD_TOL + 1e-6:
                 probs.append(f"e_mod {rec['e_mod']:.3f} > {MOD_TOL} (worse than leaving the layer unchanged)")
         return rec | {"ok": not probs, "problems": probs}
@@ -104,6 +105,7 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     def summarize(cls, records: list[dict]) -> dict:
         e = [r["e_mod"] for r in records if r.get("e_mod") is not None]
         out = {"layers": len(records), "actions": dict(Counter(r["action"] for r in records)),
+               "asked": sorted({r["asked"] for r in records if r.get("asked")}),
                "e_mod_median": statistics.median(e) if e else None, "e_mod_max": max(e) if e else None}
         for k in ("e_biasfold", "e_requant"):
             v = [r[k] for r in records if r.get(k) is not None]
@@ -113,7 +115,11 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
 
     @classmethod
     def render_summary(cls, d: dict) -> str:
-        acts = ", ".join(f"{k} {v}" for k, v in sorted(d["actions"].items()))
+        from ..modulation.merge import ACTION_LABELS
+
+        acts = ", ".join(f"{ACTION_LABELS.get(k, k)} {v}" for k, v in sorted(d["actions"].items()))
+        if set(d["actions"]) - set(d.get("asked", [])):  # something other than asked was written: say so
+            acts = f"asked {'/'.join(d['asked'])}; wrote {acts}"
         if d["e_mod_median"] is None:
             return f"fidelity modulation x{d['layers']} ({acts})"
         extra = f"; bias-fold would give {d['e_biasfold_median']:.3f}" if d.get("e_biasfold_median") is not None else ""
@@ -181,6 +187,15 @@ def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
             raise MergeError(f"modulation merge produced non-finite values in {k}")
     return out
+
+
+def _written_action(ctx: VerifyContext, layer: Layer) -> str:
+    """What the merged file holds for a targeted layer, read from which tensors changed: "skip" (the base kept),
+    "biasfold" (only the bias), "requant" (a fresh grid: the scales changed) or "calibrated" (codes / zeros)."""
+    same = {p: ctx.unchanged(layer.key(p)) for p in WEIGHT_PARTS + (("bias",) if layer.has_bias else ())}
+    if all(same[p] for p in WEIGHT_PARTS):
+        return "skip" if all(same.values()) else "biasfold"
+    return "calibrated" if same["wscales"] else "requant"
 
 
 def _held_out_error(ctx: VerifyContext, layer: Layer, op: LayerOp) -> tuple[float, bool]:

@@ -410,6 +410,7 @@ class ModulationResult:
     bias_changed: float = 0.0  # fraction of bias entries that differ from the base
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    why: str = ""  # what was written and why, one line
 
     def summary(self) -> str:
         rq = "n/a" if self.e_requant is None else f"{self.e_requant:.3f}"
@@ -419,14 +420,27 @@ class ModulationResult:
 
 
 def choose(candidates: dict[str, Candidate], mode: str) -> tuple[Candidate, list[str]]:
-    """The best of skip, the asked method and, when calibrating or folding, the bias fold; the simplest one on a
-    tie: never something worse than skipping."""
-    allowed = ["skip"] + (["biasfold"] if mode in ("calibrated", "biasfold") else []) + [mode]
+    """The best of skip, the bias fold and the asked method; the simplest one on a tie: never something worse
+    than skipping, and never the base when a candidate that was scored does better."""
+    allowed = list(dict.fromkeys(["skip"] + (["biasfold"] if mode != "skip" else []) + [mode]))
     best = candidates[min(allowed, key=lambda k: (candidates[k].e_mod, allowed.index(k)))]
     notes = list(candidates[mode].notes)
     if best.name != mode:
         notes.append(f"{mode} scored {candidates[mode].e_mod:.3f} on held-out sigmas; wrote {best.name} instead")
     return best, notes
+
+
+ACTION_LABELS = {"calibrated": "calibrated", "requant": "requant", "biasfold": "bias fold", "skip": "base kept"}
+
+
+def why(best: str, mode: str, figures: dict[str, float]) -> str:
+    """One line: what was written for a layer and why (figures: e_mod of each candidate scored)."""
+    if best == mode:
+        return f"{ACTION_LABELS[best]} as asked (e_mod {figures[best]:.3f}; 1.0 = LoRA effect lost)"
+    others = ", ".join(f"{ACTION_LABELS[k]} {v:.3f}" for k, v in figures.items() if k != best)
+    if best == "skip":
+        return f"base kept: nothing scored better than it on held-out timesteps (e_mod {others})"
+    return f"{ACTION_LABELS[best]} (e_mod {figures[best]:.3f}) scored best on held-out timesteps: {others}"
 
 
 def _written_codes(p: LayerProblem, best: Candidate) -> torch.Tensor:
@@ -459,7 +473,8 @@ def _result(p: LayerProblem, best: Candidate, cands: dict[str, Candidate], mode:
         e_biasfold=cands["biasfold"].e_mod, e_biasfold_ideal=biasfold_ideal(p), e_requant=rq.e_mod if rq else None,
         codes_changed=changed, zeros_changed=int(torch.count_nonzero(best.zeros != p.z)) / p.z.numel(),
         bias_changed=int(torch.count_nonzero(best.bias != p.b0)) / p.b0.numel(),
-        seconds=time.perf_counter() - t0, notes=notes)
+        seconds=time.perf_counter() - t0, notes=notes,
+        why=why(best.name, mode, {k: c.e_mod for k, c in cands.items() if k in ("skip", "biasfold", mode)}))
 
 
 def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor,
