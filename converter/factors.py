@@ -145,21 +145,21 @@ def _randomized_svd(a: torch.Tensor, k: int, oversample: int = 32, power: int = 
         q = _orthonormal((q.float().T @ a).T)  # qᵀ·a, not aᵀ·q: no transposed pass over a
         q = _orthonormal(a @ q.float())
     proj = (q.float().T @ a).double()  # (k + p, I)
-    qb, rb = torch.linalg.qr(proj.T)  # proj = rbᵀ qbᵀ: the SVD of the small square rbᵀ gives proj's
-    ub, s, vh = torch.linalg.svd(rb.T)
-    return q @ ub, s, vh @ qb.T
+    proj_q, proj_r = torch.linalg.qr(proj.T)  # proj = rᵀqᵀ: the SVD of the small square rᵀ gives proj's
+    ub, s, vh = torch.linalg.svd(proj_r.T)
+    return q @ ub, s, vh @ proj_q.T
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (fp64) of the columns of a tall y: Cholesky QR, twice (a Gram and a triangular
     solve instead of a Householder QR of the tall matrix); a rank-deficient y falls back to Householder."""
-    q = y.double()
+    basis = y.double()
     for _ in range(2):
-        chol, info = torch.linalg.cholesky_ex(q.T @ q)
+        chol, info = torch.linalg.cholesky_ex(basis.T @ basis)
         if bool(info):
             return torch.linalg.qr(y.double())[0]
-        q = torch.linalg.solve_triangular(chol, q.T, upper=False).T
-    return q
+        basis = torch.linalg.solve_triangular(chol, basis.T, upper=False).T
+    return basis
 
 
 def dense_error(up: torch.Tensor, down: torch.Tensor, dw: torch.Tensor) -> float:

@@ -54,21 +54,23 @@ def account_written(rep: dict, plan: Plan, records: list[dict]) -> None:
     """After the merge: the applied keys of a layer that was written unchanged (a modulation layer whose base
     scored best) are not applied; they move to their own outcome, "unchanged", listed with the reason, and a
     warning says so."""
-    kept = [r for r in records if r.get("written_unchanged")]
-    for r in kept:
-        for c in plan.ops[r["layer"]].contributions:
-            lf, entry = plan.loras[c.lora], rep["loras"][c.lora]
-            keys = [k for m in lf.modules.values() if m.name == c.module for k in m.keys.values()]
-            moved = [k for k in keys if k in set(plan.accounts[c.lora].applied)
-                     and k not in {u["key"] for u in entry.setdefault("unchanged", [])}]
-            entry["unchanged"] += [{"key": k, "reason": f"layer written unchanged: {r.get('why', 'base kept')}"}
-                                   for k in moved]
+    kept = [rec for rec in records if rec.get("written_unchanged")]
+    for rec in kept:
+        for contrib in plan.ops[rec["layer"]].contributions:
+            lora_file, entry = plan.loras[contrib.lora], rep["loras"][contrib.lora]
+            keys = [key for mod in lora_file.modules.values() if mod.name == contrib.module
+                    for key in mod.keys.values()]
+            applied = set(plan.accounts[contrib.lora].applied)
+            listed = {row["key"] for row in entry.setdefault("unchanged", [])}
+            moved = [key for key in keys if key in applied and key not in listed]
+            reason = f"layer written unchanged: {rec.get('why', 'base kept')}"
+            entry["unchanged"] += [{"key": key, "reason": reason} for key in moved]
             entry["keys"]["applied"] -= len(moved)
             entry["keys"]["unchanged"] = len(entry["unchanged"])
     if kept:
-        n = sum(e["keys"].get("unchanged", 0) for e in rep["loras"])
+        count = sum(entry["keys"].get("unchanged", 0) for entry in rep["loras"])
         rep["warnings"].append(f"{len(kept)} targeted layers were written unchanged (the base scored best on held-out "
-                               f"timesteps): their {n} keys are listed as unchanged, not applied")
+                               f"timesteps): their {count} keys are listed as unchanged, not applied")
 
 
 def summarize_layers(records: list[dict]) -> dict:

@@ -65,13 +65,13 @@ class Dora(Adapter, name="dora"):
             raise RuntimeError("DoRA needs the base weight")  # the layer kinds pass it (needs_base)
         w0 = base.float()
         # a low-rank inner update is multiplied out where the base lives (the GPU, when the merge runs there)
-        dv = self.inner.factors().dense(w0.device) if self.inner.rank is not None else \
+        delta_v = self.inner.factors().dense(w0.device) if self.inner.rank is not None else \
             self.inner.delta().to(w0.device, torch.float32)
         axis = 1 if self.per_row else 0
-        norm = torch.linalg.vector_norm(w0 + dv, dim=axis, keepdim=True).double()
+        norm = torch.linalg.vector_norm(w0 + delta_v, dim=axis, keepdim=True).double()
         m = self.tensor(self._part).to(w0.device, torch.float64).reshape(norm.shape)
         if self.peft:
             scale = m / norm
         else:
             scale = self.strength * (m / (norm + LYCORIS_EPS) - 1) + 1
-        return torch.addcmul(dv * scale.float(), w0, (scale - 1).float())
+        return torch.addcmul(delta_v * scale.float(), w0, (scale - 1).float())

@@ -55,8 +55,8 @@ def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The codes of input columns `idx` (m,) of a packed qweight, uint8 (O, m), without unpacking the others."""
     o4 = qweight.shape[0]
     where, high = _column_bytes(idx.to(qweight.device))
-    by = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)].view(o4, 4, -1)
-    return torch.where(high.bool(), by >> 4, by & 0xF).reshape(o4 * 4, -1)
+    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)].view(o4, 4, -1)
+    return torch.where(high.bool(), picked >> 4, picked & 0xF).reshape(o4 * 4, -1)
 
 
 def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -67,11 +67,12 @@ def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: tor
     where, high = _column_bytes(idx.to(qweight.device))
     uniq, inverse = torch.unique(where.reshape(-1), return_inverse=True)
     out = qweight.contiguous().clone()
-    by = out.view(torch.uint8)
-    old = by[:, uniq]
+    out_bytes = out.view(torch.uint8)
+    old = out_bytes[:, uniq]
     nibbles = torch.stack([old & 0xF, old >> 4])  # (2, O/4, bytes)
-    nibbles[high.expand(4, -1).reshape(-1), :, inverse] = codes.to(torch.uint8).view(o4, 4, -1).permute(1, 2, 0).reshape(-1, o4)
-    by[:, uniq] = nibbles[0] | (nibbles[1] << 4)
+    new = codes.to(torch.uint8).view(o4, 4, -1).permute(1, 2, 0).reshape(-1, o4)  # ((r, column), O/4)
+    nibbles[high.expand(4, -1).reshape(-1), :, inverse] = new
+    out_bytes[:, uniq] = nibbles[0] | (nibbles[1] << 4)
     return out
 
 

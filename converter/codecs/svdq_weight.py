@@ -49,12 +49,12 @@ class _SvdqQWeight(Codec):
         _check_shape(o, i)
         # byte j of an int32 holds the nibbles r = 2j (low) and 2j + 1 (high): split bytes, not int32 words
         # (int8 throughout: 4x less memory traffic than shifting int32s by all eight nibble offsets)
-        by = qweight.contiguous().reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 4)
+        packed = qweight.contiguous().reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 4)
         if cls.signed:  # arithmetic shifts of int8 sign-extend the nibble
-            nib = torch.stack([(by << 4) >> 4, by >> 4], dim=-1)
+            nib = torch.stack([(packed << 4) >> 4, packed >> 4], dim=-1)
         else:
-            u = by.view(torch.uint8)
-            nib = torch.stack([u & 0xF, u >> 4], dim=-1).view(torch.int8)
+            unsigned = packed.view(torch.uint8)
+            nib = torch.stack([unsigned & 0xF, unsigned >> 4], dim=-1).view(torch.int8)
         return nib.reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 8).permute(*_FROM_DISK).reshape(o, i)
 
 

@@ -340,21 +340,22 @@ def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, 
     """dr' G dr per row (O,) without the (N' x N') x (N' x O) product, for a LoRA delta up·down.
 
     dr = δ' + φ: δ' = what the rounding moved the free variables from their targets (the re-fitted bias:
-    +γ on it), φ = targets - fold = A·upᵀ + e0·βᵀ, with A = comp·downᵀ + downᵀ on the tail rows (rank r) and
-    β = b* - b_fold. With G = H - diag(lam) and δ'Hδ = Σ e² (the rounding's own cost), every term is a
-    rank-r or diagonal product."""
+    +γ on it), φ = targets - fold = A·upᵀ + e0·βᵀ, with A = comp·downᵀ + downᵀ on the tail rows (rank r,
+    `phi_left`) and β = b* - b_fold. With G = H - diag(lam) and δ'Hδ = Σ e² (the rounding's own cost),
+    every term is a rank-r or diagonal product."""
     gram, lam = p.calib.gram, p.calib.lam
     up, down = p.delta.up, p.delta.down
     m = t.idx.numel()
     delta, gamma, g00 = r.moved, b_new - r.bias, p.calib.gram[0, 0]
     g0_delta = gram[0] @ delta
     quad_delta = r.cost - (lam[:, None] * delta.square()).sum(0) + gamma * (2 * g0_delta + gamma * g00)
-    a = p.calib.comp @ down.T  # (N', r)
-    a[1: 1 + m] += down[:, t.idx].T
-    ga = gram @ a
+    phi_left = p.calib.comp @ down.T  # (N', r): φ = phi_left·upᵀ + e0·βᵀ
+    phi_left[1: 1 + m] += down[:, t.idx].T
+    gram_phi = gram @ phi_left
     beta = p.bstar - b_fold
-    cross = ((ga.T @ delta + torch.outer(ga[0], gamma)).T * up).sum(1) + beta * (g0_delta + gamma * g00)
-    quad_phi = ((up @ (a.T @ ga)) * up).sum(1) + beta * (2 * (up @ ga[0]) + beta * g00)
+    cross = ((gram_phi.T @ delta + torch.outer(gram_phi[0], gamma)).T * up).sum(1)
+    cross += beta * (g0_delta + gamma * g00)
+    quad_phi = ((up @ (phi_left.T @ gram_phi)) * up).sum(1) + beta * (2 * (up @ gram_phi[0]) + beta * g00)
     return quad_delta + 2 * cross + quad_phi
 
 
@@ -437,7 +438,7 @@ def why(best: str, mode: str, figures: dict[str, float]) -> str:
     """One line: what was written for a layer and why (figures: e_mod of each candidate scored)."""
     if best == mode:
         return f"{ACTION_LABELS[best]} as asked (e_mod {figures[best]:.3f}; 1.0 = LoRA effect lost)"
-    others = ", ".join(f"{ACTION_LABELS[k]} {v:.3f}" for k, v in figures.items() if k != best)
+    others = ", ".join(f"{ACTION_LABELS[name]} {figure:.3f}" for name, figure in figures.items() if name != best)
     if best == "skip":
         return f"base kept: nothing scored better than it on held-out timesteps (e_mod {others})"
     return f"{ACTION_LABELS[best]} (e_mod {figures[best]:.3f}) scored best on held-out timesteps: {others}"
@@ -486,8 +487,8 @@ def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
     codes (O, I) uint8 0..15, or the packed AWQ qweight int32 (O/4, I/2) (then only the code columns that may
     change are unpacked, and the result holds the packed `qweight`); scales, zeros (O, I/group) bf16-exact;
-    bias (O,) bf16-exact: the base layer, with W = codes * scales + zeros per group. delta_w: ΔW (O, I) dense, or LoRA factors (up (O, r), down (r, I))
-    (faster: nothing O x I is formed). delta_b (O,) or None. Rows in the caller's order.
+    bias (O,) bf16-exact: the base layer, with W = codes * scales + zeros per group. delta_w: ΔW (O, I) dense,
+    or LoRA factors (up (O, r), down (r, I)) (faster: nothing O x I is formed). delta_b (O,) or None. Rows in the caller's order.
     x_calib: calibration inputs (n, I) or a prebuilt `ModulationCalibration` (build it once for all layers;
     `tail` / `damp` are then ignored). x_eval (n_eval, I): held-out inputs for the figures.
     mode: "calibrated" (default), "requant" (fresh-grid RTN), "biasfold", "skip"; whatever is asked, the best of
