@@ -115,19 +115,21 @@ class ModulationCalibration:
         a = h[1:, 1:] * d[1:, None] * d[None, 1:]
         alive = torch.arange(a.shape[0], device=dev)  # original index of each row of `a`
         big = torch.finfo(torch.float64).max
-        picks: list[int] = []
+        picks: list[torch.Tensor] = []
         with cpu_threads(1, dev):
             while alive.numel():
                 for _ in range(min(64, alive.numel())):  # then drop the rows taken, to shrink the updates
-                    j = int(torch.argmin(a.diagonal()))
-                    picks.append(int(alive[j]))
-                    col = a[:, j] / a[j, j].clamp_min(1e-300).sqrt()
+                    # the pivot stays a device tensor (index_select, not int()): no host round trip per step
+                    pivot = torch.argmin(a.diagonal()).view(1)
+                    picks.append(alive.index_select(0, pivot))
+                    col = a.index_select(1, pivot).squeeze(1)
+                    col = col / col.index_select(0, pivot).clamp_min(1e-300).sqrt()
                     a.addr_(col, col, alpha=-1.0)
-                    a[j, j] = big  # row and column j are now zero: it stays out of the argmin
+                    a.diagonal().index_fill_(0, pivot, big)  # row and column are now zero: out of the argmin
                 keep = a.diagonal() < big
                 a = a[keep][:, keep]
                 alive = alive[keep]
-        order = torch.tensor(picks[::-1], dtype=torch.long, device=dev)
+        order = torch.cat(picks[::-1])
         perm = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + order])
         hp = h[perm][:, perm]
         # U with inv(hp) = U^T U, U upper: with J the reversal, J hp J = L L^T gives U = J inv(L) J
