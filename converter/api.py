@@ -9,7 +9,8 @@ form. The options are keyword arguments with the command line's defaults:
     mod             "calibrated" | "requant" | "biasfold" | "skip": how AWQ modulation layers take a LoRA (--mod)
     max_rank        cap of the uniform W4A4 rank (a multiple of 16), None: exact (--max-rank)
     svd_rank        rank budget of W4A4 updates that are not low-rank (--svd-rank)
-    device          where the maths runs, e.g. "cuda" (--device)
+    device          where the per-layer maths runs (--device): "auto" (a CUDA GPU when one is usable and the
+                    plan has modulation layers or dense updates, else the CPU), "cpu", "cuda", "cuda:N"
     allow_unmapped  merge what can be merged although some LoRA keys have no target (--allow-unmapped)
     overwrite       replace an existing output, never an input (--overwrite)
     progress        progress(done, total, what): called as the work advances, `done` growing to `total` (bytes
@@ -41,7 +42,7 @@ __all__ = ["merge", "plan", "batch", "verify", "export_diffusers", "LoraSpec", "
            "CodecError", "VerifyFailed", "ExportError"]
 
 MODULATION = "calibrated"  # the default of `mod` (--mod)
-DEVICE = "cpu"  # the default of `device` (--device)
+DEVICE = "auto"  # the default of `device` (--device): a CUDA GPU for heavy layer maths when one is usable
 MAX_SHARD_SIZE = "5GB"  # the default of export_diffusers' `max_shard_size` (--max-shard-size)
 
 Lora = Union["LoraSpec", str, os.PathLike, tuple]
@@ -238,7 +239,7 @@ def export_diffusers(base: str | os.PathLike, loras: Iterable[Lora], out_dir: st
 def _run_outputs(base: str, entries: list[tuple[str | None, list[LoraSpec]]], opts, *, dry_run: bool,
                  overwrite: bool) -> list[Report]:
     """Plan every output against one base, then (unless a dry run) stream the base once for all of them."""
-    from .report import summarize_layers
+    from .report import account_written, summarize_layers
     from .st_reader import Checkpoint
 
     with Checkpoint(base) as ckpt:
@@ -249,6 +250,7 @@ def _run_outputs(base: str, entries: list[tuple[str | None, list[LoraSpec]]], op
                 for job, report, written in zip(jobs, reports, _stream(ckpt, jobs, opts)):
                     records = job.session.records
                     report |= written | {"layers": records, "layers_summary": summarize_layers(records)}
+                    account_written(report, job.session.plan, records)
         finally:
             for job in jobs:
                 job.session.close_loras()
@@ -316,7 +318,7 @@ def _file_errors() -> Iterator[None]:
 
 
 def _check_device(device: str) -> None:
-    if device != "cpu":
+    if device not in ("cpu", "auto"):  # "auto" falls back to the CPU by itself (pipeline.pick_device)
         import torch
 
         try:

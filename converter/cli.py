@@ -143,7 +143,9 @@ def run_options(command):
                      help="Rank budget of W4A4 updates that are not low-rank (a full .diff, DoRA, a LoKr/LoHa of too "
                           "large a rank): they are stored by truncated SVD, with the captured fraction of each layer "
                           "reported. The uniform rank grows to at least base + this."),
-        click.option("--device", default=api.DEVICE, show_default=True, help="Device for the maths, e.g. cuda."),
+        click.option("--device", default=api.DEVICE, show_default=True,
+                     help="Device for the per-layer maths: auto (a CUDA GPU when torch sees one and the plan has "
+                          "modulation layers or dense updates, else the CPU), cpu, cuda, cuda:N."),
         click.option("-q", "--quiet", is_flag=True, help="No progress and no report (errors still go to stderr)."),
         click.option("-v", "--verbose", is_flag=True, help="List every target layer and every ignored/unmapped key."),
         click.option("--debug", is_flag=True, hidden=True),

@@ -23,7 +23,7 @@ from .st_writer import OutSpec, StreamingWriter, header_bytes
 class Options:
     modulation: str = "calibrated"
     allow_unmapped: bool = False
-    device: str = "cpu"
+    device: str = "cpu"  # "auto": see pick_device
     max_rank: int | None = None
     svd_rank: int = SVD_RANK
     progress: Callable[[int, int, str], None] | None = None  # (bytes done, bytes total, what)
@@ -154,6 +154,40 @@ def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> N
                              "nothing was written")
 
 
+# -- the device -------------------------------------------------------------------------------------------------
+def heavy_layers(plans: list[Plan]) -> list[str]:
+    """What in the plans is heavy per-layer maths (a GPU pays off): modulation requantization, dense updates."""
+    ops = [op for p in plans for op in p.ops.values()]
+    found = []
+    if any(op.kind.name == "modulation" for op in ops):
+        found.append(_count(sum(op.kind.name == 'modulation' for op in ops), 'modulation layer'))
+    if any(op.has_dense and op.kind.name != "modulation" for op in ops):
+        found.append(_count(sum(op.has_dense and op.kind.name != 'modulation' for op in ops), 'dense update'))
+    return found
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def pick_device(requested: str, plans: list[Plan], cuda_usable: Callable[[], bool] | None = None) -> tuple[str, str]:
+    """(device, why). "auto": a CUDA device when torch sees one and the plans hold heavy per-layer maths,
+    else the CPU (copies and exact low-rank appends gain nothing from a GPU, and need no CUDA start-up).
+    Any other value is used as asked (the CLI has checked that it works)."""
+    if requested != "auto":
+        return requested, f"--device {requested}"
+    heavy = heavy_layers(plans)
+    if not heavy:
+        return "cpu", "auto: no modulation layer or dense update to compute"
+    if cuda_usable is None:
+        import torch
+
+        cuda_usable = torch.cuda.is_available
+    if not cuda_usable():
+        return "cpu", f"auto: {' and '.join(heavy)}, no usable CUDA device"
+    return "cuda", f"auto: {' and '.join(heavy)} on the CUDA device"
+
+
 # -- the streamed pass ------------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -177,6 +211,7 @@ class _Output:
         self.meta = updated_metadata(self.plan, provenance(job.session, final=False, out_path=job.out_path))
         self.writer: StreamingWriter | None = None
         self.pending: dict[str, dict] = {}
+        self.computed: set[str] = set()  # layers already computed (once each, even when nothing came of it)
 
     @property
     def nbytes(self) -> int:
@@ -188,14 +223,15 @@ class _Output:
             self.writer.copy_tensor(name, base)
             return
         prefix = name.rpartition(".")[0]
-        if prefix not in self.pending:
+        if prefix not in self.computed:
+            self.computed.add(prefix)
             self.pending[prefix] = compute(self, prefix)
-        t = self.pending[prefix].pop(name, None)
+        t = self.pending.get(prefix, {}).pop(name, None)
         if t is None:
             self.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
         else:
             self.writer.write_tensor(name, t)
-        if not self.pending[prefix]:
+        if prefix in self.pending and not self.pending[prefix]:
             del self.pending[prefix]
 
     def finish(self) -> None:
@@ -229,11 +265,12 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
     order = output_order(base, [j.session.plan for j in jobs])
     outs = [_Output(j, base, order) for j in jobs]
     step = progress_counter(opts, sum(o.nbytes for o in outs))
+    device, why = pick_device(opts.device, [j.session.plan for j in jobs])
     ctx: list[MergeContext] = []  # made (and torch imported) when the first changed layer comes up
 
     def compute(o: _Output, prefix: str) -> dict:
         if not ctx:
-            ctx.append(MergeContext(base, jobs[0].session.model, opts.device))
+            ctx.append(MergeContext(base, jobs[0].session.model, device))
         layer = o.plan.model.layers[prefix]
         new, rec = kind_of(layer).apply(ctx[0], o.plan, layer, o.plan.ops.get(prefix))
         if rec is not None:
@@ -269,4 +306,5 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
         gc.unfreeze()
     secs = round(time.perf_counter() - t0, 3)
     return [{"seconds": secs, "output": o.job.out_path, "output_bytes": os.path.getsize(o.job.out_path),
-             "write_mode": "direct" if o.writer.direct else "buffered"} for o in outs]
+             "write_mode": "direct" if o.writer.direct else "buffered", "device": device, "device_reason": why}
+            for o in outs]

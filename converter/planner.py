@@ -51,7 +51,10 @@ class Contribution:
         return self.exact and self.adapter.applies_to == "weight" and self.adapter.rank is not None
 
     def place(self, src, out_rows: int):
-        """Rows of the module's output (an up factor, a ΔW or a bias) placed onto the layer's rows."""
+        """Rows of the module's output (an up factor, a ΔW or a bias) placed onto the layer's rows (`src` itself
+        when the module is the whole layer: no copy of a dense ΔW)."""
+        if [(s.target_start, s.lora_start, s.rows) for s in self.segments] == [(0, 0, out_rows)] == [(0, 0, len(src))]:
+            return src
         out = src.new_zeros((out_rows,) + tuple(src.shape[1:]))
         for s in self.segments:
             out[s.target_start:s.target_start + s.rows] = src[s.lora_start:s.lora_start + s.rows]

@@ -50,6 +50,29 @@ def plan_report(plan: Plan, base_path: str, base_bytes: int) -> dict:
     }
 
 
+def account_written(rep: dict, plan: Plan, records: list[dict]) -> None:
+    """After the merge: the applied keys of a layer that was written unchanged (a modulation layer whose base
+    scored best) are not applied; they move to their own outcome, "unchanged", listed with the reason, and a
+    warning says so."""
+    kept = [rec for rec in records if rec.get("written_unchanged")]
+    for rec in kept:
+        for contrib in plan.ops[rec["layer"]].contributions:
+            lora_file, entry = plan.loras[contrib.lora], rep["loras"][contrib.lora]
+            keys = [key for mod in lora_file.modules.values() if mod.name == contrib.module
+                    for key in mod.keys.values()]
+            applied = set(plan.accounts[contrib.lora].applied)
+            listed = {row["key"] for row in entry.setdefault("unchanged", [])}
+            moved = [key for key in keys if key in applied and key not in listed]
+            reason = f"layer written unchanged: {rec.get('why', 'base kept')}"
+            entry["unchanged"] += [{"key": key, "reason": reason} for key in moved]
+            entry["keys"]["applied"] -= len(moved)
+            entry["keys"]["unchanged"] = len(entry["unchanged"])
+    if kept:
+        count = sum(entry["keys"].get("unchanged", 0) for entry in rep["loras"])
+        rep["warnings"].append(f"{len(kept)} targeted layers were written unchanged (the base scored best on held-out "
+                               f"timesteps): their {count} keys are listed as unchanged, not applied")
+
+
 def summarize_layers(records: list[dict]) -> dict:
     by_kind: dict[str, list[dict]] = {}
     for r in records:
@@ -59,9 +82,12 @@ def summarize_layers(records: list[dict]) -> dict:
 
 def _render_keys(i: int, l: dict, verbose: bool) -> list[str]:
     k = l["keys"]
+    unchanged = f", unchanged {k['unchanged']}" if k.get("unchanged") else ""
     lines = [f"lora {i}   {l['path']}  strength {l['strength']:g}  format: {l['format']}",
-             f"         keys {k['total']}: applied {k['applied']}, ignored {k['ignored']}, unmapped {k['unmapped']}"]
-    for what, rows, field in (("ignored", l["ignored"], "rule"), ("unmapped", l["unmapped"], "reason")):
+             f"         keys {k['total']}: applied {k['applied']}{unchanged}, ignored {k['ignored']}, "
+             f"unmapped {k['unmapped']}"]
+    for what, rows, field in (("unchanged", l.get("unchanged", []), "reason"), ("ignored", l["ignored"], "rule"),
+                              ("unmapped", l["unmapped"], "reason")):
         if rows:
             c = Counter(f"{module_pattern(r['key'])}  ({r[field]})" for r in rows)
             shown = c.most_common(None if verbose else 6)
@@ -108,6 +134,8 @@ def render(rep: dict, verbose: bool = False) -> str:
     elif rep.get("output"):
         how = {"direct": ", direct I/O", "buffered": ""}.get(rep.get("write_mode", ""), "")
         lines.append(f"wrote    {rep['output']} ({human_bytes(rep['output_bytes'])}) in {rep['seconds']:.1f} s{how}")
+        if rep.get("device"):
+            lines.append(f"device   {rep['device']} ({rep['device_reason']})")
     return "\n".join(lines)
 
 

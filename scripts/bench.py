@@ -25,7 +25,12 @@ What it does
      merge-lokr  `python -m converter.cli BASE LOKR -o OUT --mod skip`: a LyCORIS LoKr (w1 4x4 full, w2 rank 16,
                  exact rank 64 like the LoRA) on every attention/MLP module (--no-lokr drops it; its target is
                  <= 1.3x merge-skip)
-     merge-mod   `python -m converter.cli BASE LORA -o OUT` (default --mod calibrated)
+     merge-mod-DEV   `python -m converter.cli BASE LORA -o OUT --device DEV` (default --mod calibrated: all 120
+                 modulation layers requantized), DEV = cpu, and cuda where torch sees a GPU (--device picks)
+     merge-dora-DEV  a LyCORIS LoRA (rank 16) + DoRA (`dora_scale` (out, 1)) on every W4A4 module (480 layers
+                 for 60 blocks: truncated SVD into the low-rank branch), --device DEV (--no-dora drops it)
+     merge-diff-DEV  a LyCORIS full weight difference (`.diff`) on every W4A4 module, --device DEV (--no-diff
+                 drops it; the file is ~0.45 GB a block and is skipped when the disk lacks the room)
      naive       safetensors.torch.load_file(BASE) + save_file(OUT) (+ fsync), run last, under a memory
                  watchdog (see LAUNCHER); skipped by default when the base is larger than 40 % of RAM
                  (--naive forces it: it then prints "did not fit" if it runs out of memory or is stopped).
@@ -37,8 +42,10 @@ What it does
 4. Warm cache by default: before each job the base and LoRA are read once (untimed) so they sit in the page
    cache. --cold instead runs `sync; echo 3 > /proc/sys/vm/drop_caches` before each job (root only).
 
-Prints the machine, then a table: job, wall s, ratio to cp, CPU s, peak RSS, output size, load, CPU
-pressure, status; then the three targets (merge-skip <= 1.3x cp, merge peak RSS <= 1.5 GB, merge-mod <= 300 s).
+Prints the machine (with the date), then a table: job, wall s, ratio to cp, ratio to merge-skip (same run), CPU
+s, peak RSS, output size, load, CPU pressure, status; then the targets: merge-skip <= 1.3x cp, merge-lokr <= 1.3x
+merge-skip, the CPU merges' peak RSS <= 1.5 GB, merge-mod-cpu <= 3x merge-skip, merge-dora-cpu <= 300 s,
+merge-mod-cuda <= 1.5x merge-skip, merge-dora-cuda <= 60 s.
 --json prints the same as one JSON object instead; every run also saves it as <workdir>/results-*.json.
 Generated files: ~12.65 GB (rank 128) or ~11.5 GB (rank 32) base plus a 1.18 GB LoRA; the run needs about
 1.3x the base free again for the outputs (one at a time).
@@ -209,6 +216,34 @@ def lokr_specs(blocks: int, r: int) -> list[OutSpec]:
     return st_order(s)
 
 
+DORA_RANK = 16
+
+
+def w4a4_modules() -> tuple[tuple[str, int, int], ...]:
+    """The LoRA modules that land on the W4A4 layers (to_q/k/v fuse into to_qkv): 480 layers for 60 blocks."""
+    return tuple(m for m in LORA_MODULES if not m[0].endswith("_mod.1"))
+
+
+def dora_specs(blocks: int, r: int) -> list[OutSpec]:
+    """A LyCORIS LoRA + DoRA (`dora_scale` (out, 1), the default since 2025) of rank r on every W4A4 module."""
+    s = []
+    for b in range(blocks):
+        for m, o, i in w4a4_modules():
+            k = f"lycoris_transformer_blocks_{b}_{m.replace('.', '_')}"
+            s += [OutSpec(f"{k}.lora_down.weight", "BF16", (r, i)), OutSpec(f"{k}.lora_up.weight", "BF16", (o, r)),
+                  OutSpec(f"{k}.alpha", "BF16", ()), OutSpec(f"{k}.dora_scale", "BF16", (o, 1))]
+    return st_order(s)
+
+
+def diff_specs(blocks: int) -> list[OutSpec]:
+    """A LyCORIS full weight difference (`.diff` (out, in)) on every W4A4 module (as large as the dense model)."""
+    s = []
+    for b in range(blocks):
+        for m, o, i in w4a4_modules():
+            s.append(OutSpec(f"lycoris_transformer_blocks_{b}_{m.replace('.', '_')}.diff", "BF16", (o, i)))
+    return st_order(s)
+
+
 # ---------------------------------------------------------------------------------------- random fills
 class Filler:
     """Random tensor contents; numpy PCG64 for the bulk random bits (~8x faster than torch.randint here)."""
@@ -288,6 +323,22 @@ def lokr_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
     if part == "lokr_w2_b":  # (r, in/f)
         return f.normal(spec.shape, 1.0 / math.sqrt(spec.shape[1]))
     return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]) / LOKR_FACTOR)  # w2_a (out/f, r)
+
+
+def dora_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
+    """dora_scale: row norms of a unit-scale weight (sqrt(in) / sqrt(in) = 1) moved by a few percent."""
+    part = spec.name.split(".", 1)[1]
+    if part == "alpha":
+        return torch.tensor(float(DORA_RANK), dtype=BF16)
+    if part == "dora_scale":
+        return f.lognormal(spec.shape, 1.0, 0.03)
+    if part == "lora_down.weight":
+        return f.normal(spec.shape, 1.0 / math.sqrt(spec.shape[1]))
+    return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]))
+
+
+def diff_tensor(f: Filler, spec: OutSpec, scale: float = 0.05) -> torch.Tensor:
+    return f.normal(spec.shape, scale / math.sqrt(spec.shape[1]))
 
 
 def _matches(path: Path, specs: list[OutSpec], meta: dict[str, str]) -> bool:
@@ -529,20 +580,21 @@ def render(machine: dict, files: dict, results: list[Result]) -> str:
     lines = ["machine: " + ", ".join(f"{k}={v}" for k, v in machine.items())]
     for k, v in files.items():
         lines.append(f"{k}: {v}")
-    hdr = (f"{'job':<11} {'wall s':>8} {'x cp':>6} {'CPU s':>8} {'peak RSS':>10} {'output':>10} {'load1':>6} "
-           f"{'cpu-psi':>7}  status")
+    hdr = (f"{'job':<16} {'wall s':>8} {'x cp':>6} {'x skip':>6} {'CPU s':>8} {'peak RSS':>10} {'output':>10} "
+           f"{'load1':>6} {'cpu-psi':>7}  status")
     lines += ["", hdr, "-" * len(hdr)]
     for r in results:
         wall = "-" if r.wall_s is None else f"{r.wall_s:.1f}"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        x_skip = "-" if r.extra.get("x_skip") is None else f"{r.extra['x_skip']:.2f}"
         cpu = "-" if r.cpu_s is None else f"{r.cpu_s:.1f}"
         status = r.status + (f" ({r.note})" if r.note else "")
         load = r.extra.get("load1_before")
         psi = r.extra.get("cpu_pressure")
         load = "-" if load is None else f"{load:.1f}"
         psi = "-" if psi is None else f"{psi * 100:.0f}%"
-        lines.append(f"{r.job:<11} {wall:>8} {ratio:>6} {cpu:>8} {fmt_gb(r.peak_rss):>10} {fmt_gb(r.output_bytes):>10} "
-                     f"{load:>6} {psi:>7}  {status}")
+        lines.append(f"{r.job:<16} {wall:>8} {ratio:>6} {x_skip:>6} {cpu:>8} {fmt_gb(r.peak_rss):>10} "
+                     f"{fmt_gb(r.output_bytes):>10} {load:>6} {psi:>7}  {status}")
     lines.append("load1 = 1-min load average when the job started; cpu-psi = share of the job's wall time in which "
                  "some task waited for a CPU (/proc/pressure/cpu): high values mean other work shared the cores")
     for r in results:
@@ -567,7 +619,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "qwenlora-bench",
                     help="where generated files are cached and outputs are written (default /tmp/qwenlora-bench)")
     ap.add_argument("--skip-mod", action="store_true", help="do not run the merge with modulation targets")
-    ap.add_argument("--device", default="cpu", help="--device passed to the merge (cpu|cuda)")
+    ap.add_argument("--device", default="both", choices=("cpu", "cuda", "both"),
+                    help="device of the heavy jobs (merge-mod, merge-dora, merge-diff): cpu, cuda, or both "
+                         "(default: cpu, and cuda too where torch sees a GPU)")
+    ap.add_argument("--dora", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"merge a rank-{DORA_RANK} LyCORIS DoRA on every W4A4 layer (default on)")
+    ap.add_argument("--diff", action=argparse.BooleanOptionalAction, default=True,
+                    help="merge a full weight difference on every W4A4 layer (default on; its file is ~0.45 GB a "
+                         "block, skipped when the disk lacks the room)")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
                     help="run the load_file/save_file reference (default: only if the base is <= 40%% of RAM)")
     ap.add_argument("--naive-cap", type=float, default=0.75,
@@ -602,6 +661,18 @@ def main(argv=None) -> int:
     generate(lora, lora_specs(a.blocks, a.lora_rank), {"format": "pt"}, lora_tensor, a.seed + 1, log)
     if a.lokr:
         generate(lokr, lokr_specs(a.blocks, LOKR_RANK), {"format": "pt"}, lokr_tensor, a.seed + 2, log)
+    dora = wd / f"dora-lycoris-r{DORA_RANK}-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
+    diff = wd / f"diff-lycoris-b{a.blocks}-s{a.seed}-v{FORMAT_VERSION}.safetensors"
+    if a.dora:
+        generate(dora, dora_specs(a.blocks, DORA_RANK), {"format": "pt"}, dora_tensor, a.seed + 3, log)
+    if a.diff:
+        need_diff = sum(sp.nbytes for sp in diff_specs(a.blocks))
+        room = shutil.disk_usage(wd).free - (0 if diff.exists() else need_diff) - int(base.stat().st_size * 1.3)
+        if room < (2 << 30):
+            log(f"not generating the full diff ({need_diff / 1e9:.1f} GB): not enough free disk; --no-diff drops it")
+            a.diff = False
+        else:
+            generate(diff, diff_specs(a.blocks), {"format": "pt"}, diff_tensor, a.seed + 4, log)
     base_size, lora_size = base.stat().st_size, lora.stat().st_size
     if a.generate_only:
         log(f"base {base} ({base_size / 1e9:.2f} GB), LoRA {lora} ({lora_size / 1e9:.2f} GB)")
@@ -612,16 +683,19 @@ def main(argv=None) -> int:
         torch_v = _v("torch")
     except Exception:  # noqa: BLE001
         torch_v = torch.__version__
-    dev = a.device
-    if dev.startswith("cuda"):
+    devices = ["cpu"] if a.device == "cpu" else ["cuda"] if a.device == "cuda" else \
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    dev = ", ".join(devices)
+    if "cuda" in devices:
         try:
-            dev = f"{a.device} ({torch.cuda.get_device_name(0)})"
+            dev += f" ({torch.cuda.get_device_name(0)})"
         except Exception as e:  # noqa: BLE001
-            dev = f"{a.device} (unusable: {str(e).splitlines()[0]})"
+            dev += f" (cuda unusable: {str(e).splitlines()[0]})"
     machine = {
         "cores": os.cpu_count(), "RAM": f"{ram / 2**30:.1f} GiB", "cpu": cpu_model(),
         "disk_free": f"{shutil.disk_usage(wd).free / 1e9:.0f} GB ({wd})", "python": platform.python_version(),
         "torch": torch_v, "device": dev, "load1": f"{os.getloadavg()[0]:.1f}",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
     cache_mode = "cold" if a.cold else "warm"
     if a.cold and not drop_caches():
@@ -640,18 +714,23 @@ def main(argv=None) -> int:
             warm([base, lora])
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    merge = [sys.executable, "-m", "converter.cli", str(base), str(lora), "-o", str(out), "-q", "--json",
-             "--device", a.device]
+    def merge_of(adapter: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "converter.cli", str(base), str(adapter), "-o", str(out), "-q", "--json", *extra]
+
     jobs: list[tuple[str, list[str], int | None]] = [
         ("cp", ["sh", "-c", 'cp -- "$1" "$2" && sync -- "$2"', "sh", str(base), str(out)], None)]
     if a.cp_nosync:
         jobs.append(("cp-nosync", ["cp", "--", str(base), str(out)], None))
-    jobs.append(("merge-skip", merge + ["--mod", "skip"], None))
+    jobs.append(("merge-skip", merge_of(lora, "--mod", "skip", "--device", "cpu"), None))
     if a.lokr:
-        jobs.append(("merge-lokr", [sys.executable, "-m", "converter.cli", str(base), str(lokr), "-o", str(out), "-q",
-                                    "--json", "--device", a.device, "--mod", "skip"], None))
-    if not a.skip_mod:
-        jobs.append(("merge-mod", merge, None))
+        jobs.append(("merge-lokr", merge_of(lokr, "--mod", "skip", "--device", "cpu"), None))
+    for d in devices:  # the heavy per-layer maths, on each device
+        if not a.skip_mod:
+            jobs.append((f"merge-mod-{d}", merge_of(lora, "--device", d), None))
+        if a.dora:
+            jobs.append((f"merge-dora-{d}", merge_of(dora, "--device", d), None))
+        if a.diff:
+            jobs.append((f"merge-diff-{d}", merge_of(diff, "--device", d), None))
     results: list[Result] = []
     log(f"running jobs ({cache_mode} page cache); base {base_size / 1e9:.2f} GB, LoRA {lora_size / 1e9:.2f} GB")
     for name, argv_, cap in jobs:
@@ -680,9 +759,12 @@ def main(argv=None) -> int:
                                                               f"({ram / 1e9:.1f} GB); --naive runs it under a cap"))
 
     cp = next((r for r in results if r.job == "cp" and r.status == "ok"), None)
+    skip = next((r for r in results if r.job == "merge-skip" and r.status == "ok"), None)
     for r in results:
         if cp and r.wall_s is not None and r.status == "ok":
             r.ratio = r.wall_s / cp.wall_s
+        if skip and r.wall_s is not None and r.status == "ok":
+            r.extra["x_skip"] = r.wall_s / skip.wall_s
     files = {
         "base": f"{base} ({base_size / 1e9:.2f} GB = {base_size / 2**30:.2f} GiB, rank {a.rank}, {a.blocks} blocks)"
                 + (f", generated in {t_base:.0f}s" if t_base else ", cached"),
@@ -708,14 +790,28 @@ def main(argv=None) -> int:
         if "merge-lokr" in ok and "merge-skip" in ok:
             t = ok["merge-lokr"].wall_s / ok["merge-skip"].wall_s
             print(f"target merge-lokr <= 1.3x merge-skip: {'met' if t <= 1.3 else 'MISSED'} ({t:.2f}x)")
-        peak = max((r.peak_rss for r in results if r.job.startswith("merge") and r.status == "ok"), default=None)
-        if peak:
-            print(f"target merge peak RSS <= 1.5 GB: {'met' if peak <= 1.5e9 else 'MISSED'} ({peak / 1e9:.2f} GB)")
-        if "merge-mod" in ok:
-            w = ok["merge-mod"].wall_s
-            print(f"target merge-mod <= 300 s: {'met' if w <= 300 else 'MISSED'} ({w:.0f} s wall, "
-                  f"{ok['merge-mod'].cpu_s:.0f} s CPU)")
+        for line in target_lines(ok):
+            print(line)
     return 0
+
+
+# (job, bound, what the bound is on): the targets of the issues these jobs were made for
+TARGETS = (("merge-mod-cpu", 3.0, "x_skip"), ("merge-dora-cpu", 300.0, "wall_s"),
+           ("merge-mod-cuda", 1.5, "x_skip"), ("merge-dora-cuda", 60.0, "wall_s"))
+
+
+def target_lines(ok: dict[str, Result]) -> list[str]:
+    out = []
+    peak = max((r.peak_rss for j, r in ok.items() if j.startswith("merge") and not j.endswith("-cuda")), default=None)
+    if peak:
+        out.append(f"target CPU merges' peak RSS <= 1.5 GB: {'met' if peak <= 1.5e9 else 'MISSED'} ({peak / 1e9:.2f} GB)")
+    for job, bound, what in TARGETS:
+        if job in ok:
+            got = ok[job].extra["x_skip"] if what == "x_skip" else ok[job].wall_s
+            unit = "x merge-skip" if what == "x_skip" else "s"
+            out.append(f"target {job} <= {bound:g}{' ' if unit == 's' else ''}{unit}: "
+                       f"{'met' if got <= bound else 'MISSED'} ({got:.2f}{' ' if unit == 's' else ''}{unit})")
+    return out
 
 
 if __name__ == "__main__":

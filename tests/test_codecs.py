@@ -255,3 +255,38 @@ def test_group_dots_in_packed_space(o, i):
     v = torch.rand(i, generator=g, dtype=torch.float64) + 0.5
     want = (q.double().view(o, i // 64, 64) * v.view(i // 64, 64)).sum(-1)
     assert torch.allclose(group_dots(PACKER.pack_weight(q.clone()), v), want, rtol=1e-14, atol=1e-12)
+
+
+@pytest.mark.parametrize("o, i", [(8, 64), (64, 256), (1536, 3072)])
+def test_awq_column_read_and_write_in_packed_space(o, i):
+    """The modulation merge reads and rewrites only the code columns that may change, in the packed nibbles:
+    the same as unpacking, replacing those columns and packing (columns that share a byte or an int16 word
+    included: all of a group's columns in one case)."""
+    from converter.codecs.awq_w4a16 import qweight_columns, replace_qweight_columns
+
+    g = torch.Generator().manual_seed(o + i)
+    codes = torch.randint(0, 16, (o, i), generator=g, dtype=torch.uint8)
+    packed = AwqQWeight.pack(codes)
+    for idx in (torch.randperm(i, generator=g)[: max(1, i // 6)], torch.arange(64), torch.tensor([i - 1, 0, 8])):
+        assert torch.equal(qweight_columns(packed, idx), codes[:, idx])
+        new = torch.randint(0, 16, (o, idx.numel()), generator=g, dtype=torch.uint8)
+        want = codes.clone()
+        want[:, idx] = new
+        got = replace_qweight_columns(packed, idx, new)
+        assert torch.equal(got, AwqQWeight.pack(want)) and torch.equal(packed, AwqQWeight.pack(codes))
+
+
+def test_randomized_svd_of_an_exactly_low_rank_update(monkeypatch):
+    """A dense update of lower rank than the sketch (a zero Gram pivot in the Cholesky QR) falls back to a
+    Householder QR: the truncation still captures all of it."""
+    from converter.factors import svd_truncate
+
+    householder = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: householder.append(1) or qr(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    dw = torch.randn(1536, 8, generator=g) @ torch.randn(8, 1280, generator=g)
+    f, captured = svd_truncate(dw, 64)
+    assert len(householder) > 1  # the sketches fell back (one QR is the small projection's own)
+    assert captured == pytest.approx(1.0, abs=1e-6)
+    assert float((f.up @ f.down - dw).norm() / dw.norm()) < 1e-4

@@ -83,3 +83,59 @@ def test_cuda_matches_cpu_for_dense_updates(tmp_path):
         for key in ("captured", "rel_error", "e_mod"):
             if key in l:
                 assert abs(l[key] - g[key]) < 5e-3, (name, key, l[key], g[key])
+
+
+# -- --device auto: the choice, covered on any machine (CUDA availability is passed in) -------------------------
+def _plan(tmp_path, modules: dict, mod: str = "calibrated"):
+    from converter.pipeline import Options, open_session
+
+    p = tmp_path / "b.safetensors"
+    if not p.exists():
+        build_qwen_checkpoint(p, blocks=1, dim=256)
+    lp = tmp_path / f"l{len(list(tmp_path.iterdir()))}.safetensors"
+    write_lora(lp, modules, "diffusers")
+    s = open_session(str(p), [str(lp)], Options(modulation=mod))
+    s.close()
+    return s.plan
+
+
+def test_auto_device_takes_cuda_only_for_heavy_layers(tmp_path):
+    from converter.pipeline import pick_device
+
+    lowrank = _plan(tmp_path, random_lora_modules({"transformer_blocks.0.img_mlp.net.2": (256, 1024)}, rank=4, seed=0))
+    mod = _plan(tmp_path, random_lora_modules({"transformer_blocks.0.img_mod.1": (1536, 256)}, rank=4, seed=1))
+    skipped = _plan(tmp_path, random_lora_modules({"transformer_blocks.0.img_mod.1": (1536, 256)}, rank=4, seed=1),
+                    mod="skip")
+    yes, no = (lambda: True), (lambda: False)
+    assert pick_device("auto", [lowrank], yes)[0] == "cpu"  # exact appends and copies: nothing to gain
+    assert pick_device("auto", [skipped], yes)[0] == "cpu"
+    dev, why = pick_device("auto", [mod], yes)
+    assert dev == "cuda" and "1 modulation layer " in why
+    dev, why = pick_device("auto", [lowrank, mod], no)
+    assert dev == "cpu" and "no usable CUDA device" in why
+    assert pick_device("cpu", [mod], yes) == ("cpu", "--device cpu")  # forced either way
+    assert pick_device("cuda", [lowrank], no) == ("cuda", "--device cuda")
+
+
+def test_auto_device_for_dense_updates_and_in_the_report(tmp_path, monkeypatch):
+    import adapter_oracles as O
+
+    from converter.pipeline import pick_device
+
+    p = tmp_path / "b.safetensors"
+    build_qwen_checkpoint(p, blocks=1, dim=256)
+    lp = tmp_path / "d.safetensors"
+    O.write_adapter_file(lp, {"transformer_blocks.0.img_mlp.net.2": O.random_full_diff(256, 1024, bias=False, seed=1)},
+                         "lycoris-prefix")
+    from converter.pipeline import Options, open_session
+
+    s = open_session(str(p), [str(lp)], Options())
+    s.close()
+    assert pick_device("auto", [s.plan], lambda: True) == ("cuda", "auto: 1 dense update on the CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what the CLI sees: reported, and on the CPU
+    res = CliRunner().invoke(main, [str(p), str(lp), "-o", str(tmp_path / "o.safetensors"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["device"] == "cpu" and rep["device_reason"] == "auto: 1 dense update, no usable CUDA device"
+    res = CliRunner().invoke(main, [str(p), str(lp), "-o", str(tmp_path / "o2.safetensors")])
+    assert "device   cpu (auto: 1 dense update, no usable CUDA device)" in res.stdout

@@ -205,8 +205,9 @@ def test_plain_figure_brute_force(tiny):
     ref = _brute_force_e(q, sp, zp, bias, codes, scales, zeros, bias, dw, torch.zeros_like(bias), xe)
     res = merge_modulation(codes, scales, zeros, bias, dw, None, cal, xe, mode="requant")
     assert res.e_requant == pytest.approx(ref, rel=1e-4)
-    assert res.e_requant > 1.0 and res.action == "skip"  # fresh-grid RTN is worse than skipping: never written
-    assert torch.equal(res.codes, codes) and torch.equal(res.bias, bias)
+    # fresh-grid RTN is worse than skipping: never written; the bias fold, which beats the base, is
+    assert res.e_requant > 1.0 and res.action == "biasfold" and res.e_mod == res.e_biasfold < 1.0
+    assert torch.equal(res.codes, codes) and torch.equal(res.zeros, zeros) and not torch.equal(res.bias, bias)
 
 
 # ---------------------------------------------------------------------------------------------- quality

@@ -58,16 +58,21 @@ class Dora(Adapter, name="dora"):
         return self.peft or tuple(self.part_shape("dora_scale"))[0] != 1 or self.shape[0] == 1
 
     def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW = V·s - W = ΔV·s + W·(s - 1), s the per-row (or per-column) rescaling: written that way, nothing
+        cancels, so fp32 over the O x I matrices is as good as fp64 was (the norms and s are small vectors)."""
+        import torch
+
         if base is None:
             raise RuntimeError("DoRA needs the base weight")  # the layer kinds pass it (needs_base)
-        w0 = base.double()
-        v = w0 + self.inner.delta().double()
-        m = self.tensor(self._part).double()
-        if self.per_row:
-            norm, m = v.norm(dim=1, keepdim=True), m.reshape(-1, 1)
-        else:
-            norm, m = v.norm(dim=0, keepdim=True), m.reshape(1, -1)
+        w0 = base.float()
+        # a low-rank inner update is multiplied out where the base lives (the GPU, when the merge runs there)
+        delta_v = self.inner.factors().dense(w0.device) if self.inner.rank is not None else \
+            self.inner.delta().to(w0.device, torch.float32)
+        axis = 1 if self.per_row else 0
+        norm = torch.linalg.vector_norm(w0 + delta_v, dim=axis, keepdim=True).double()
+        m = self.tensor(self._part).to(w0.device, torch.float64).reshape(norm.shape)
         if self.peft:
-            return (v * (m / norm) - w0).float()
-        ratio = m / (norm + LYCORIS_EPS)
-        return (v * (self.strength * (ratio - 1) + 1) - w0).float()
+            scale = m / norm
+        else:
+            scale = self.strength * (m / (norm + LYCORIS_EPS) - 1) + 1
+        return torch.addcmul(delta_v * scale.float(), w0, (scale - 1).float())

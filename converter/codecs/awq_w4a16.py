@@ -42,6 +42,40 @@ class AwqQWeight(Codec, name="awq_qweight"):
         return nib.permute(0, 2, 1, 3, 5, 4).reshape(o4 * 4, i)  # n4, r, c64, h, a, b
 
 
+def _column_bytes(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For input columns `idx` (m,): the byte of each (r, column) in the (O/4, 2I) uint8 view, (4, m), and
+    which nibble of it holds the code (0 low, 1 high), (m,). The int16 at [n4, c64*64 + r*16 + h*8 + b] holds
+    nibble a at bits 4a: byte a // 2 of it (little-endian), nibble a % 2 of that byte."""
+    c64, h, a, b = idx // 64, (idx % 64) // 32, (idx % 32) // 8, idx % 8
+    r = torch.arange(4, device=idx.device)[:, None]
+    return 2 * (c64 * 64 + r * 16 + h * 8 + b) + a // 2, a % 2
+
+
+def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The codes of input columns `idx` (m,) of a packed qweight, uint8 (O, m), without unpacking the others."""
+    o4 = qweight.shape[0]
+    where, high = _column_bytes(idx.to(qweight.device))
+    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)].view(o4, 4, -1)
+    return torch.where(high.bool(), picked >> 4, picked & 0xF).reshape(o4 * 4, -1)
+
+
+def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of a packed qweight whose input columns `idx` (m,) hold `codes` (O, m) 0..15; every other nibble
+    is copied as it is. Only the bytes that hold a column of `idx` are split into their two nibbles; each
+    (row, column) has its own nibble slot, so one indexed write places them all."""
+    o4 = qweight.shape[0]
+    where, high = _column_bytes(idx.to(qweight.device))
+    uniq, inverse = torch.unique(where.reshape(-1), return_inverse=True)
+    out = qweight.contiguous().clone()
+    out_bytes = out.view(torch.uint8)
+    old = out_bytes[:, uniq]
+    nibbles = torch.stack([old & 0xF, old >> 4])  # (2, O/4, bytes)
+    new = codes.to(torch.uint8).view(o4, 4, -1).permute(1, 2, 0).reshape(-1, o4)  # ((r, column), O/4)
+    nibbles[high.expand(4, -1).reshape(-1), :, inverse] = new
+    out_bytes[:, uniq] = nibbles[0] | (nibbles[1] << 4)
+    return out
+
+
 class AwqGroupParams(Codec, name="awq_group_params"):
     """Per-group scales or zeros: logical (O, I/64) <-> stored (I/64, O) (a transpose)."""
 

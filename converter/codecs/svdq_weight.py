@@ -47,11 +47,15 @@ class _SvdqQWeight(Codec):
         o, half = qweight.shape
         i = half * 2
         _check_shape(o, i)
-        words = qweight.contiguous().view(torch.int32).reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 1)
-        nib = (words >> _SHIFTS.to(words.device)) & 0xF  # broadcast over the last axis of 8 nibbles
-        if cls.signed:
-            nib = nib - ((nib >> 3) << 4)
-        return nib.permute(*_FROM_DISK).reshape(o, i).to(torch.int8)
+        # byte j of an int32 holds the nibbles r = 2j (low) and 2j + 1 (high): split bytes, not int32 words
+        # (int8 throughout: 4x less memory traffic than shifting int32s by all eight nibble offsets)
+        packed = qweight.contiguous().reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 4)
+        if cls.signed:  # arithmetic shifts of int8 sign-extend the nibble
+            nib = torch.stack([(packed << 4) >> 4, packed >> 4], dim=-1)
+        else:
+            unsigned = packed.view(torch.uint8)
+            nib = torch.stack([unsigned & 0xF, unsigned >> 4], dim=-1).view(torch.int8)
+        return nib.reshape(o // 128, i // 64, 8, 8, 4, 2, 2, 8).permute(*_FROM_DISK).reshape(o, i)
 
 
 class SvdqQWeightInt4(_SvdqQWeight, name="svdq_qweight_int4"):

@@ -12,7 +12,8 @@ from typing import Callable
 from ..layers import MergeContext
 from ..lorafile import LoraSpec
 from ..naming import human_bytes
-from ..pipeline import Options, Session, open_session, post_write_check, progress_counter, provenance
+from ..pipeline import (Options, Session, open_session, pick_device, post_write_check, progress_counter,
+                        provenance)
 from ..report import plan_report, render, summarize_layers
 from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
@@ -107,7 +108,7 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
         if not transformer:  # torch is imported here, once the copies are under way
             from .transform import LayerTransformer
 
-            ctx.append(MergeContext(s.base, s.model, opts.device))
+            ctx.append(MergeContext(s.base, s.model, pick_device(opts.device, [s.plan])[0]))
             transformer.append(LayerTransformer(ctx[0], s.plan, xp.tree))
         return transformer[0](prefix)
 

@@ -26,6 +26,23 @@ KINDS: dict[Layout, type[LayerKind]] = {}
 BY_NAME: dict[str, type[LayerKind]] = {}
 
 
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc's malloc to keep up to `limit` bytes of freed memory instead of handing it back to the
+    kernel at once. A modulation layer allocates ~1 GB of short-lived fp32 temporaries, a dense update
+    several O x I ones; returned and faulted in again for every layer, the page faults took a third of a
+    modulation layer's time (measured: 1.7 -> 1.2 s a layer, with the peak memory unchanged). Process-wide;
+    best effort: a no-op where the C library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        return bool(libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, limit)
+                    and libc.mallopt(m_top_pad, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 class MergeContext:
     """What the layers of one merge share: the base, the device, torch's thread setting and a cache for
     things computed once per run (the modulation inputs). The per-layer work outside the modulation layers

@@ -68,7 +68,8 @@ def dense_delta(op: LayerOp, device: str = "cpu", base: torch.Tensor | None = No
     `base`: the layer's current (stored) weight, for adapters that need it (DoRA)."""
     col, row = runtime_scales(op, ck) if op.smoothed else (None, None)
     if base is not None and (col is not None or row is not None):
-        base = base / (row[:, None] if row is not None else 1) / (col if col is not None else 1)
+        base = base / (row.to(base.device)[:, None] if row is not None else 1)
+        base = base / (col.to(base.device) if col is not None else 1)
     out = None
     for c in op.weight_contributions:
         if c.low_rank:
@@ -88,7 +89,7 @@ def _rows_of(base: torch.Tensor | None, c) -> torch.Tensor | None:
     if base is None:
         return None
     rows = [base[s.target_start:s.target_start + s.rows] for s in sorted(c.segments, key=lambda s: s.lora_start)]
-    return torch.cat(rows, 0)
+    return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
 
 
 def bias_delta(op: LayerOp, ck=None) -> torch.Tensor | None:

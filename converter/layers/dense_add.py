@@ -33,7 +33,7 @@ class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
         out, rec = {}, {}
         if op.weight_contributions:
             w = ctx.base.get(layer.key("weight"))
-            dw = dense_delta(op, ctx.device, base=w.float() if op.needs_base else None, ck=ctx.base)
+            dw = dense_delta(op, ctx.device, base=w.to(ctx.device).float() if op.needs_base else None, ck=ctx.base)
             new = (w.to(ctx.device, dtype=dw.dtype) + dw).to(w.dtype)
             out[layer.key("weight")] = check_finite(layer.key("weight"), new).cpu()
             rec = dense_record(w.to(ctx.device), new, dw)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..layout import MAX_RANK, Layout
-from .base import LayerKind, count_layers
+from .base import LayerKind, count_layers, keep_freed_memory
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +59,10 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         pd, pu = ctx.base.get(layer.key("proj_down")), ctx.base.get(layer.key("proj_up"))
         d_add = u_add = rec = None
         if op is not None and op.has_dense:
-            d_add, u_add, rec = _svd_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
+            if ctx.device == "cpu" and "heap_kept" not in ctx.cache:
+                ctx.cache["heap_kept"] = keep_freed_memory()
+            with ctx.all_threads():  # O x I products and a randomized SVD: every thread helps
+                d_add, u_add, rec = _svd_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
         elif op is not None and cls.added_rank(op):
             d_add, u_add, rec = _lowrank_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
         out = {}
@@ -190,31 +193,32 @@ def _svd_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int):
     from ..factors import check_finite, dense_error, svd_truncate
     from .deltas import dense_delta
 
-    base = effective_weight(ctx.base, op.layer) if op.needs_base else None
+    base = effective_weight(ctx.base, op.layer, ctx.device) if op.needs_base else None
     dw = check_finite(op.layer.prefix, dense_delta(op, ctx.device, base=base, ck=ctx.base))
     f, captured = svd_truncate(dw, room)
     d_add = torch.zeros(_round16(room), op.layer.in_features, dtype=dtype)
     u_add = torch.zeros(op.layer.out_features, _round16(room), dtype=dtype)
     d_add[:f.rank].copy_(check_finite(op.layer.prefix, f.down))
     u_add[:, :f.rank].copy_(check_finite(op.layer.prefix, f.up))
-    rec = {"rel_error": dense_error(u_add[:, :f.rank].float(), d_add[:f.rank].float(), dw.cpu()), "captured": captured,
+    rec = {"rel_error": dense_error(u_add[:, :f.rank].float(), d_add[:f.rank].float(), dw), "captured": captured,
            "rank_added": room, "svd": True,
            "adapters": sorted({c.adapter.name for c in op.weight_contributions if not c.low_rank})}
     return d_add, u_add, rec
 
 
-def effective_weight(ck, layer: Layer) -> torch.Tensor:
+def effective_weight(ck, layer: Layer, device: str = "cpu") -> torch.Tensor:
     """The layer's whole weight W_eff = main · diag(1/smooth) + U·D (fp32, (O, I)), what it applies to its raw
-    input: dequantizing it costs one unpack of the 4-bit codes and an O×I product (DoRA needs its row norms)."""
+    input: dequantizing it costs one unpack of the 4-bit codes and an O×I product (DoRA needs its row norms).
+    Computed on `device` (the packed tensors go there, a quarter of the fp32 result's size)."""
     from ..codecs import layer_codec
     from ..codecs.lowrank import LowRankDown, LowRankUp
     from ..codecs.svdq_scales import PackedVector
 
     codec = layer_codec(layer.layout)
-    t = {p: ck.get(layer.key(p)) for p in codec.weight_parts if layer.key(p) in ck}
-    main = codec.dequantize(t) / PackedVector.unpack(t["smooth_factor"]).float()[None, :]
-    d = LowRankDown.unpack(ck.get(layer.key("proj_down"))).float()
-    u = LowRankUp.unpack(ck.get(layer.key("proj_up"))).float()
+    t = {p: ck.get(layer.key(p)).to(device) for p in codec.weight_parts if layer.key(p) in ck}
+    main = codec.dequantize(t).div_(PackedVector.unpack(t["smooth_factor"]).float()[None, :])
+    d = LowRankDown.unpack(ck.get(layer.key("proj_down")).to(device)).float()
+    u = LowRankUp.unpack(ck.get(layer.key("proj_up")).to(device)).float()
     return main.addmm_(u, d)
 
 

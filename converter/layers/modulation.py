@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MergeError
 from ..layout import Layout
-from .base import LayerKind, count_layers
+from .base import LayerKind, count_layers, keep_freed_memory
 
 if TYPE_CHECKING:
     import torch
@@ -22,22 +22,6 @@ if TYPE_CHECKING:
 
 MOD_TOL = 1.0  # verify: never worse than leaving the layer as it was
 WEIGHT_PARTS = ("qweight", "wscales", "wzeros")
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Ask glibc's malloc to keep up to `limit` bytes of freed memory instead of handing it back to the
-    kernel at once. A modulation layer allocates ~1 GB of short-lived fp32 temporaries; returned and faulted
-    in again for every layer, the page faults took a third of its time (measured: 1.7 -> 1.2 s a layer,
-    with the peak memory unchanged). Process-wide; best effort: a no-op where the C library is not glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        return bool(libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, limit)
-                    and libc.mallopt(m_top_pad, 64 << 20))
-    except (OSError, AttributeError):
-        return False
 
 
 class ModulationInputs:
@@ -96,10 +80,10 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
             return {}, None
         with ctx.all_threads():  # the modulation layers' big products get every thread
             res = _requantize(ctx, plan, layer, op)
-        rec = {"action": res.action, "e_mod": res.e_mod, "e_asked": res.e_asked, "e_biasfold": res.e_biasfold,
+        rec = {"action": res.action, "asked": res.mode, "e_mod": res.e_mod, "e_asked": res.e_asked, "e_biasfold": res.e_biasfold,
                "e_biasfold_ideal": res.e_biasfold_ideal, "e_skip": res.e_skip, "e_requant": res.e_requant,
                "codes_changed": res.codes_changed, "zeros_changed": res.zeros_changed,
-               "bias_changed": res.bias_changed}
+               "bias_changed": res.bias_changed, "why": res.why, "written_unchanged": res.action == "skip"}
         return ({} if res.action == "skip" else _pack(ctx, layer, res)), rec
 
     @classmethod
@@ -112,7 +96,7 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
                 probs.append("changed although no LoRA targets it")
         else:
             rec["e_mod"], rec["kept_base"] = _held_out_error(ctx, layer, op)
-            rec["action"] = _written_action(ctx, layer, plan, rec["kept_base"])
+            rec["action"], rec["asked"] = _written_action(ctx, layer), plan.modulation_mode
             if rec["e_mod"] > MOD_TOL + 1e-6:
                 probs.append(f"e_mod {rec['e_mod']:.3f} > {MOD_TOL} (worse than leaving the layer unchanged)")
         return rec | {"ok": not probs, "problems": probs}
@@ -121,6 +105,7 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     def summarize(cls, records: list[dict]) -> dict:
         e = [r["e_mod"] for r in records if r.get("e_mod") is not None]
         out = {"layers": len(records), "actions": dict(Counter(r["action"] for r in records)),
+               "asked": sorted({r["asked"] for r in records if r.get("asked")}),
                "e_mod_median": statistics.median(e) if e else None, "e_mod_max": max(e) if e else None}
         for k in ("e_biasfold", "e_requant"):
             v = [r[k] for r in records if r.get(k) is not None]
@@ -130,7 +115,11 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
 
     @classmethod
     def render_summary(cls, d: dict) -> str:
-        acts = ", ".join(f"{k} {v}" for k, v in sorted(d["actions"].items()))
+        from ..modulation.merge import ACTION_LABELS
+
+        acts = ", ".join(f"{ACTION_LABELS.get(k, k)} {v}" for k, v in sorted(d["actions"].items()))
+        if set(d["actions"]) - set(d.get("asked", [])):  # something other than asked was written: say so
+            acts = f"asked {'/'.join(d['asked'])}; wrote {acts}"
         if d["e_mod_median"] is None:
             return f"fidelity modulation {count_layers(d['layers'])} ({acts})"
         extra = f"; bias-fold would give {d['e_biasfold_median']:.3f}" if d.get("e_biasfold_median") is not None else ""
@@ -167,31 +156,31 @@ def _delta_in_stored_rows(ctx: MergeContext, layer: Layer, op: LayerOp):
 def _requantize(ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp):
     import torch
 
-    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
+    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams
     from ..modulation import merge_modulation
 
     inputs = ModulationInputs.of(ctx)
     ng = layer.in_features // GROUP
-    codes = AwqQWeight.unpack(ctx.base.get(layer.key("qweight")))
+    qweight = ctx.base.get(layer.key("qweight"))  # packed: only the code columns that may change are unpacked
     scales = AwqGroupParams.unpack(ctx.base.get(layer.key("wscales"))[:ng]).float()
     zeros = AwqGroupParams.unpack(ctx.base.get(layer.key("wzeros"))[:ng]).float()
     bias = ctx.base.get(layer.key("bias")).float() if layer.has_bias else torch.zeros(layer.out_features)
     delta_w, db = _delta_in_stored_rows(ctx, layer, op)
-    return merge_modulation(codes, scales, zeros, bias, delta_w, db, inputs.calibration, inputs.x_eval,
+    return merge_modulation(qweight, scales, zeros, bias, delta_w, db, inputs.calibration, inputs.x_eval,
                             mode=plan.modulation_mode, group_size=GROUP, device=ctx.device)
 
 
 def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
     import torch
 
-    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams, AwqQWeight
+    from ..codecs.awq_w4a16 import GROUP, AwqGroupParams
 
     ng = layer.in_features // GROUP
     ws, wz = ctx.base.get(layer.key("wscales")), ctx.base.get(layer.key("wzeros"))
     new_ws, new_wz = ws.clone(), wz.clone()  # keep any padding rows of the stored group params
     new_ws[:ng] = AwqGroupParams.pack(res.scales).to(ws.dtype)
     new_wz[:ng] = AwqGroupParams.pack(res.zeros).to(wz.dtype)
-    out = {layer.key("qweight"): AwqQWeight.pack(res.codes), layer.key("wscales"): new_ws, layer.key("wzeros"): new_wz}
+    out = {layer.key("qweight"): res.qweight, layer.key("wscales"): new_ws, layer.key("wzeros"): new_wz}
     if layer.has_bias:
         out[layer.key("bias")] = res.bias.to(ctx.base.tensors[layer.key("bias")].torch_dtype)
     for k, t in out.items():
@@ -200,14 +189,13 @@ def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
     return out
 
 
-def _written_action(ctx: VerifyContext, layer: Layer, plan: Plan, kept_base: bool) -> str:
-    """What the merge wrote, as far as the files tell it (the merge report's action names): the base kept, only
-    the bias moved (a bias fold), or requantized weights (in the mode the merge was asked for)."""
-    if kept_base:
-        return "skip"
-    if all(ctx.unchanged(layer.key(part)) for part in WEIGHT_PARTS):
-        return "biasfold"
-    return plan.modulation_mode
+def _written_action(ctx: VerifyContext, layer: Layer) -> str:
+    """What the merged file holds for a targeted layer, read from which tensors changed: "skip" (the base kept),
+    "biasfold" (only the bias), "requant" (a fresh grid: the scales changed) or "calibrated" (codes / zeros)."""
+    same = {p: ctx.unchanged(layer.key(p)) for p in WEIGHT_PARTS + (("bias",) if layer.has_bias else ())}
+    if all(same[p] for p in WEIGHT_PARTS):
+        return "skip" if all(same.values()) else "biasfold"
+    return "calibrated" if same["wscales"] else "requant"
 
 
 def _held_out_error(ctx: VerifyContext, layer: Layer, op: LayerOp) -> tuple[float, bool]:

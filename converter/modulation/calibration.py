@@ -115,19 +115,21 @@ class ModulationCalibration:
         a = h[1:, 1:] * d[1:, None] * d[None, 1:]
         alive = torch.arange(a.shape[0], device=dev)  # original index of each row of `a`
         big = torch.finfo(torch.float64).max
-        picks: list[int] = []
+        picks: list[torch.Tensor] = []
         with cpu_threads(1, dev):
             while alive.numel():
                 for _ in range(min(64, alive.numel())):  # then drop the rows taken, to shrink the updates
-                    j = int(torch.argmin(a.diagonal()))
-                    picks.append(int(alive[j]))
-                    col = a[:, j] / a[j, j].clamp_min(1e-300).sqrt()
+                    # the pivot stays a device tensor (index_select, not int()): no host round trip per step
+                    pivot = torch.argmin(a.diagonal()).view(1)
+                    picks.append(alive.index_select(0, pivot))
+                    col = a.index_select(1, pivot).squeeze(1)
+                    col = col / col.index_select(0, pivot).clamp_min(1e-300).sqrt()
                     a.addr_(col, col, alpha=-1.0)
-                    a[j, j] = big  # row and column j are now zero: it stays out of the argmin
+                    a.diagonal().index_fill_(0, pivot, big)  # row and column are now zero: out of the argmin
                 keep = a.diagonal() < big
                 a = a[keep][:, keep]
                 alive = alive[keep]
-        order = torch.tensor(picks[::-1], dtype=torch.long, device=dev)
+        order = torch.cat(picks[::-1])
         perm = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + order])
         hp = h[perm][:, perm]
         # U with inv(hp) = U^T U, U upper: with J the reversal, J hp J = L L^T gives U = J inv(L) J
@@ -209,14 +211,16 @@ def sequential_round(
     z_t: torch.Tensor,
     z_g: torch.Tensor,
     block: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-style rounding of the free variables, vectorized over rows (layout: variables x rows).
 
     targets (N', O): continuous targets in value space, canonical order [bias; tail weights; zero shifts].
     perm (N',): rounding order (canonical indices); u: the matching update rows. s_t, z_t (m, O): scale and zero
-    of each tail weight. z_g (ng, O): base zeros. Returns (bias (O,), codes (m, O) float, new zeros (ng, O)).
-    Each variable is rounded to its own grid (bias: bf16; weight: code 0..15 on its group's grid; zero: bf16)
-    and its rounding error is pushed onto the variables not yet rounded.
+    of each tail weight. z_g (ng, O): base zeros. Returns (bias (O,), codes (m, O) float, new zeros (ng, O),
+    Σ e² per row (O,)). Each variable is rounded to its own grid (bias: bf16; weight: code 0..15 on its group's
+    grid; zero: bf16) and its rounding error is pushed onto the variables not yet rounded. With e the scaled
+    errors, the rounded values are targets - Uᵀe, so the rounding's cost in the damped metric H (inv(H) = UᵀU)
+    is Σ e² per row: returned, so that scoring it needs no (N' x N') x (N' x O) product.
     """
     work = targets.index_select(0, perm)
     nvar, o = work.shape
@@ -225,6 +229,7 @@ def sequential_round(
     codes = torch.empty(m, o, dtype=work.dtype, device=work.device)
     new_zeros = torch.empty_like(z_g)
     bias = torch.empty(o, dtype=work.dtype, device=work.device)
+    sum_e2 = torch.zeros(o, dtype=work.dtype, device=work.device)
     udiag = u.diagonal().tolist()
     order = perm.tolist()
     for i1 in range(0, nvar, block):
@@ -252,6 +257,7 @@ def sequential_round(
                 torch.sub(t, v, out=e).div_(udiag[i])
                 if i + 1 < i2:
                     work[i + 1 : i2].addr_(u[i, i + 1 : i2], e, alpha=-1.0)
+        sum_e2.add_(errs.square().sum(0))
         if i2 < nvar:
             work[i2:].addmm_(u[i1:i2, i2:].T, errs, alpha=-1.0)
-    return bias, codes, new_zeros
+    return bias, codes, new_zeros, sum_e2

@@ -13,7 +13,7 @@ from typing import Literal, Union
 import torch
 
 from ..codecs import group_dequantize
-from ..codecs.awq_w4a16 import GROUP
+from ..codecs.awq_w4a16 import GROUP, AwqQWeight, qweight_columns, replace_qweight_columns
 from ..layout import MODULATION_MODES
 from .calibration import (DEFAULT_DAMP, DEFAULT_TAIL, ModulationCalibration, bf16, check_bf16_exact, cpu_threads,
                           same_device)
@@ -93,10 +93,13 @@ class _Delta:
 
 @dataclass(eq=False)
 class LayerProblem:
-    """One layer's validated inputs, on the compute device. codes (O, I) uint8; s, z (O, I/group) and b0 (O,)
-    fp32, bf16-exact; bstar = b0 + Δb; signal = ΔY on the held-out inputs (what skipping loses)."""
+    """One layer's validated inputs, on the compute device. codes (O, I) uint8, or None when the layer came
+    packed (`packed`: the AWQ qweight, int32 (O/4, I/2); only the columns that may change are unpacked);
+    s, z (O, I/group) and b0 (O,) fp32, bf16-exact; bstar = b0 + Δb; signal = ΔY on the held-out inputs
+    (what skipping loses)."""
 
-    codes: torch.Tensor
+    codes: torch.Tensor | None
+    packed: torch.Tensor | None
     s: torch.Tensor
     z: torch.Tensor
     b0: torch.Tensor
@@ -113,14 +116,28 @@ class LayerProblem:
         self.signal += self.db[:, None]
 
     @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.s.shape[:1]) + (self.s.shape[1] * self.group,)
+
+    @property
     def n_groups(self) -> int:
-        return self.codes.shape[1] // self.group
+        return self.s.shape[1]
+
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Base codes of input columns idx, uint8 (O, m)."""
+        return self.codes[:, idx] if self.packed is None else qweight_columns(self.packed, idx)
+
+    def all_codes(self) -> torch.Tensor:
+        """Every base code, uint8 (O, I) (unpacked on demand: only plain requantization needs them)."""
+        if self.codes is None:
+            self.codes = AwqQWeight.unpack(self.packed)
+        return self.codes
 
 
 def _check_shapes(codes, scales, zeros, bias, group_size: int) -> None:
     if codes.ndim != 2:
         raise ValueError("codes must be (O, I)")
-    o, in_f = codes.shape
+    o, in_f = _code_shape(codes)
     if in_f % group_size:
         raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
     ng = in_f // group_size
@@ -129,6 +146,11 @@ def _check_shapes(codes, scales, zeros, bias, group_size: int) -> None:
             f"shapes: codes {tuple(codes.shape)}, scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}, "
             f"bias {tuple(bias.shape)}; expected scales/zeros {(o, ng)}, bias {(o,)}"
         )
+
+
+def _code_shape(codes: torch.Tensor) -> tuple[int, int]:
+    """(O, I) of unpacked codes, or of a packed AWQ qweight (int32 (O/4, I/2))."""
+    return (codes.shape[0] * 4, codes.shape[1] * 2) if codes.dtype == torch.int32 else tuple(codes.shape)
 
 
 def _calibration(x_calib, in_f: int, mode: str, group_size: int, dev: torch.device, tail, damp
@@ -149,18 +171,24 @@ def layer_problem(codes, scales, zeros, bias, delta_w: DeltaW, delta_b, x_calib,
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     _check_shapes(codes, scales, zeros, bias, group_size)
-    o, in_f = codes.shape
-    codes = codes.to(dev)
-    if codes.dtype != torch.uint8:
-        codes = codes.to(torch.uint8)
-    if int(codes.max()) > 15:
-        raise ValueError("codes must be in 0..15")
+    o, in_f = _code_shape(codes)
+    packed = None
+    if codes.dtype == torch.int32:  # packed nibbles are 0..15 by construction
+        if group_size != GROUP:
+            raise ValueError(f"a packed AWQ qweight has groups of {GROUP}")
+        packed, codes = codes.to(dev), None
+    else:
+        codes = codes.to(dev)
+        if codes.dtype != torch.uint8:
+            codes = codes.to(torch.uint8)
+        if int(codes.max()) > 15:
+            raise ValueError("codes must be in 0..15")
     xe = x_eval.to(dev, torch.float32)
     if xe.ndim != 2 or xe.shape[1] != in_f:
         raise ValueError(f"x_eval must be (n, {in_f})")
     calib = _calibration(x_calib, in_f, mode, group_size, dev, tail, damp)
     xbar = calib.mean if calib is not None else x_calib.to(dev, torch.float32).mean(0)
-    return LayerProblem(codes, check_bf16_exact("scales", scales.to(dev)), check_bf16_exact("zeros", zeros.to(dev)),
+    return LayerProblem(codes, packed, check_bf16_exact("scales", scales.to(dev)), check_bf16_exact("zeros", zeros.to(dev)),
                         check_bf16_exact("bias", bias.to(dev)),
                         torch.zeros(o, device=dev) if delta_b is None else delta_b.to(dev, torch.float32),
                         _Delta(delta_w, (o, in_f), dev), xe, calib, xbar, group_size)
@@ -173,23 +201,24 @@ class Candidate:
 
     name: str
     e_mod: float
-    codes: torch.Tensor | None = None  # None: not kept (a figure only)
+    codes: torch.Tensor | None = None  # every code (O, I); None: the base codes, or `tail_codes` over them
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     codes_changed: int | None = None  # how many codes differ from the base, when known
+    tail_codes: tuple[torch.Tensor, torch.Tensor] | None = None  # (columns (m,), their new codes (O, m))
     notes: list[str] = field(default_factory=list)
 
 
 def skip(p: LayerProblem) -> Candidate:
     """The base layer as it is: loses the whole LoRA effect, e_mod = 1 exactly."""
-    return Candidate("skip", 1.0, p.codes, p.s, p.z, p.b0, codes_changed=0)
+    return Candidate("skip", 1.0, None, p.s, p.z, p.b0, codes_changed=0)
 
 
 def biasfold(p: LayerProblem) -> Candidate:
     """The calibration mean of ΔY folded into the bias (rounded to bf16); weights unchanged."""
     b_fold = bf16(p.bstar + p.delta.matvec(p.xbar))
-    return Candidate("biasfold", e_mod((b_fold - p.b0)[:, None] - p.signal, p.signal), p.codes, p.s, p.z, b_fold,
+    return Candidate("biasfold", e_mod((b_fold - p.b0)[:, None] - p.signal, p.signal), None, p.s, p.z, b_fold,
                      codes_changed=0)
 
 
@@ -201,13 +230,14 @@ def biasfold_ideal(p: LayerProblem) -> float:
 def requant(p: LayerProblem, keep: bool, chunk: int = 2048) -> Candidate:
     """Plain requantization: a fresh min/max grid, round-to-nearest of dequant(base) + ΔW, bias b + Δb rounded
     to bf16. With keep=False only its figure is computed (no O×I tensors kept)."""
-    o, i = p.codes.shape
+    o, i = p.shape
     ng, group = p.n_groups, p.group
-    err = torch.empty(o, p.xe.shape[0], dtype=torch.float32, device=p.codes.device)
-    out = (torch.empty_like(p.codes), torch.empty_like(p.s), torch.empty_like(p.z)) if keep else None
+    codes = p.all_codes()
+    err = torch.empty(o, p.xe.shape[0], dtype=torch.float32, device=codes.device)
+    out = (torch.empty_like(codes), torch.empty_like(p.s), torch.empty_like(p.z)) if keep else None
     for r0 in range(0, o, chunk):
         r1 = min(r0 + chunk, o)
-        wg = (group_dequantize(p.codes[r0:r1], p.s[r0:r1], p.z[r0:r1]) + p.delta.rows(r0, r1)).view(r1 - r0, ng, group)
+        wg = (group_dequantize(codes[r0:r1], p.s[r0:r1], p.z[r0:r1]) + p.delta.rows(r0, r1)).view(r1 - r0, ng, group)
         lo, hi = wg.amin(-1), wg.amax(-1)
         sp = bf16(((hi - lo) / 15.0).clamp_min(1e-8))
         zp = bf16(lo)
@@ -243,35 +273,55 @@ def _tail(p: LayerProblem) -> _Tail:
     idx = p.calib.tail
     gidx = idx // p.group
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
-    return _Tail(idx, p.codes.index_select(1, idx).T.contiguous().float(), s_g, z_g, s_g[gidx], z_g[gidx],
+    return _Tail(idx, p.columns(idx).T.contiguous().float(), s_g, z_g, s_g[gidx], z_g[gidx],
                  p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp))
 
 
-def _round_tail(p: LayerProblem, t: _Tail) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential rounding of the free variables: (new tail codes (m, O) float, new zeros (ng, O))."""
+@dataclass(eq=False)
+class _Rounded:
+    """What the sequential rounding gives: new tail codes (m, O) float, new zeros (ng, O), the bias as rounded
+    first (O,), the rounded values minus their targets (N', O) and the rounding cost Σ e² in the damped
+    metric (O,)."""
+
+    codes: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor
+    moved: torch.Tensor
+    cost: torch.Tensor
+
+
+def _round_tail(p: LayerProblem, t: _Tail) -> _Rounded:
+    """Sequential rounding of the free variables."""
     from .calibration import sequential_round, ulp_bf16
 
     m, o = t.q0.shape
-    targets = torch.empty(1 + m + p.n_groups, o, dtype=torch.float32, device=p.codes.device)
+    targets = torch.empty(1 + m + p.n_groups, o, dtype=torch.float32, device=t.q0.device)
     targets[0] = p.bstar
     torch.addcmul(t.z, t.q0, t.s, out=targets[1: 1 + m])
     targets[1: 1 + m] += t.dw
     targets[1 + m:] = 0.0
     targets += t.comp
-    steps = torch.cat([ulp_bf16(p.bstar).square().mean().sqrt()[None], t.s.square().mean(1).sqrt(),
-                       ulp_bf16(t.z_g).square().mean(1).sqrt()])
+    # a tail weight's step is its group's scale: the RMS over rows is taken per group, then picked per column
+    steps = torch.cat([ulp_bf16(p.bstar).square().mean().sqrt()[None],
+                       t.s_g.square().mean(1).sqrt()[t.idx // p.group], ulp_bf16(t.z_g).square().mean(1).sqrt()])
     perm, u = p.calib.rounding_plan(steps)
-    _, q_new, z_new = sequential_round(targets, perm, u, t.s, t.z, t.z_g)
-    if bool((t.s <= 0).any()):  # a zero scale makes the code irrelevant: keep the base code
+    b_round, q_new, z_new, cost = sequential_round(targets, perm, u, t.s, t.z, t.z_g)
+    if bool((t.s <= 0).any()):  # a zero scale makes the code irrelevant (same value): keep the base code
         q_new = torch.where(t.s > 0, q_new, t.q0)
-    return q_new, z_new
+    moved = targets.neg_()
+    moved[0] += b_round
+    moved[1: 1 + m].addcmul_(q_new, t.s).add_(t.z)
+    moved[1 + m:] += z_new - t.z_g
+    return _Rounded(q_new, z_new, b_round, moved, cost)
 
 
-def _rows_to_keep(p: LayerProblem, t: _Tail, dr: torch.Tensor, b_fold: torch.Tensor) -> torch.Tensor:
+def _rows_to_keep(p: LayerProblem, t: _Tail, dr: torch.Tensor, b_fold: torch.Tensor, r: _Rounded,
+                  b_new: torch.Tensor) -> torch.Tensor:
     """Per row, whether the rounding beats the bias fold on the calibration objective. Both share the error
     -ΔW on the kept columns; J(cal) - J(fold) = dr'(G dr + 2 Z), with dr the difference of the free variables
     and Z = G r_fold + G_{free,kept} e_kept (= -(G + lam) comp)."""
     gram, m = p.calib.gram, t.idx.numel()
+    quad = None if p.delta.dense is not None else _quad_lowrank(p, t, b_fold, r, b_new)
     if p.delta.dense is None:  # cheap through the factors
         zt = p.delta.left_mul_t(p.calib.select).neg_()
     else:  # two (N' x m/N') GEMMs beat one (N' x I) pass over a dense dW
@@ -279,22 +329,50 @@ def _rows_to_keep(p: LayerProblem, t: _Tail, dr: torch.Tensor, b_fold: torch.Ten
         zt.addmm_(gram, t.comp, alpha=-1.0)
         zt.addcmul_(p.calib.lam[:, None], t.comp, value=-1.0)
     zt.addr_(gram[:, 0], b_fold - p.bstar)
+    if quad is not None:
+        return quad + 2 * (dr * zt).sum(0) < 0  # (O,)
     zt.mul_(2.0).addmm_(gram, dr)
-    return (dr * zt).sum(0) < 0  # (O,)
+    return (dr * zt).sum(0) < 0
+
+
+def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, b_new: torch.Tensor
+                  ) -> torch.Tensor:
+    """dr' G dr per row (O,) without the (N' x N') x (N' x O) product, for a LoRA delta up·down.
+
+    dr = δ' + φ: δ' = what the rounding moved the free variables from their targets (the re-fitted bias:
+    +γ on it), φ = targets - fold = A·upᵀ + e0·βᵀ, with A = comp·downᵀ + downᵀ on the tail rows (rank r,
+    `phi_left`) and β = b* - b_fold. With G = H - diag(lam) and δ'Hδ = Σ e² (the rounding's own cost),
+    every term is a rank-r or diagonal product."""
+    gram, lam = p.calib.gram, p.calib.lam
+    up, down = p.delta.up, p.delta.down
+    m = t.idx.numel()
+    delta, gamma, g00 = r.moved, b_new - r.bias, p.calib.gram[0, 0]
+    g0_delta = gram[0] @ delta
+    quad_delta = r.cost - (lam[:, None] * delta.square()).sum(0) + gamma * (2 * g0_delta + gamma * g00)
+    phi_left = p.calib.comp @ down.T  # (N', r): φ = phi_left·upᵀ + e0·βᵀ
+    phi_left[1: 1 + m] += down[:, t.idx].T
+    gram_phi = gram @ phi_left
+    beta = p.bstar - b_fold
+    cross = ((gram_phi.T @ delta + torch.outer(gram_phi[0], gamma)).T * up).sum(1)
+    cross += beta * (g0_delta + gamma * g00)
+    quad_phi = ((up @ (phi_left.T @ gram_phi)) * up).sum(1) + beta * (2 * (up @ gram_phi[0]) + beta * g00)
+    return quad_delta + 2 * cross + quad_phi
 
 
 def calibrated(p: LayerProblem, fold: Candidate) -> Candidate:
     """Error-compensating sequential rounding in the metric of the calibration inputs (see the package doc),
     kept per row only where it beats the bias fold `fold`."""
     t = _tail(p)
-    q_new, z_new_t = _round_tail(p, t)
+    rounded = _round_tail(p, t)
+    q_new, z_new_t = rounded.codes, rounded.zeros
     d_tail = (q_new - t.q0).mul_(t.s)  # what changed: the tail weights, and every weight of a group via its zero
     dz_t = z_new_t - t.z_g
     xbar_g = p.xbar.view(p.n_groups, p.group).sum(-1)
     # re-fit the bias: nearest bf16 to its calibration optimum given the new weights
     e_bar = d_tail.T @ p.xbar[t.idx] + dz_t.T @ xbar_g - p.delta.matvec(p.xbar)
     b_new = bf16(p.bstar - e_bar)
-    keep_row = _rows_to_keep(p, t, torch.cat([(b_new - fold.bias)[None], d_tail, dz_t], dim=0), fold.bias)
+    keep_row = _rows_to_keep(p, t, torch.cat([(b_new - fold.bias)[None], d_tail, dz_t], dim=0), fold.bias,
+                             rounded, b_new)
     q_new = torch.where(keep_row[None], q_new, t.q0)
     d_tail.mul_(keep_row[None])
     z_new = torch.where(keep_row[None], z_new_t, t.z_g).T.contiguous()
@@ -305,10 +383,9 @@ def calibrated(p: LayerProblem, fold: Candidate) -> Candidate:
     err += (z_new - p.z) @ p.xe.view(-1, p.n_groups, p.group).sum(-1).T
     err += (b_new - p.b0)[:, None]
     err -= p.signal
-    codes = p.codes.clone()
-    codes.index_copy_(1, t.idx, q_new.to(torch.uint8).T)
-    return Candidate("calibrated", e_mod(err, p.signal), codes, p.s, z_new, b_new,
-                     codes_changed=int(torch.count_nonzero(q_new != t.q0)), notes=notes)
+    return Candidate("calibrated", e_mod(err, p.signal), None, p.s, z_new, b_new,
+                     codes_changed=int(torch.count_nonzero(q_new != t.q0)), notes=notes,
+                     tail_codes=(t.idx, q_new.T.to(torch.uint8)))
 
 
 # -- the chooser ---------------------------------------------------------------------------------------------
@@ -316,7 +393,8 @@ def calibrated(p: LayerProblem, fold: Candidate) -> Candidate:
 class ModulationResult:
     """What to write for one layer, and how good each option is on held-out sigmas (e_mod figures)."""
 
-    codes: torch.Tensor  # (O, I) uint8 0..15
+    codes: torch.Tensor | None  # (O, I) uint8 0..15, when the codes were given unpacked
+    qweight: torch.Tensor | None  # the packed AWQ qweight, when they were given packed
     scales: torch.Tensor  # (O, I/64) fp32, bf16-exact
     zeros: torch.Tensor  # (O, I/64) fp32, bf16-exact (scaled, negated zero: W = q*s + z)
     bias: torch.Tensor  # (O,) fp32, bf16-exact
@@ -333,6 +411,7 @@ class ModulationResult:
     bias_changed: float = 0.0  # fraction of bias entries that differ from the base
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    why: str = ""  # what was written and why, one line
 
     def summary(self) -> str:
         rq = "n/a" if self.e_requant is None else f"{self.e_requant:.3f}"
@@ -342,9 +421,9 @@ class ModulationResult:
 
 
 def choose(candidates: dict[str, Candidate], mode: str) -> tuple[Candidate, list[str]]:
-    """The best of skip, the asked method and, when calibrating or folding, the bias fold; the simplest one on a
-    tie: never something worse than skipping."""
-    allowed = ["skip"] + (["biasfold"] if mode in ("calibrated", "biasfold") else []) + [mode]
+    """The best of skip, the bias fold and the asked method; the simplest one on a tie: never something worse
+    than skipping, and never the base when a candidate that was scored does better."""
+    allowed = list(dict.fromkeys(["skip"] + (["biasfold"] if mode != "skip" else []) + [mode]))
     best = candidates[min(allowed, key=lambda k: (candidates[k].e_mod, allowed.index(k)))]
     notes = list(candidates[mode].notes)
     if best.name != mode:
@@ -352,20 +431,51 @@ def choose(candidates: dict[str, Candidate], mode: str) -> tuple[Candidate, list
     return best, notes
 
 
+ACTION_LABELS = {"calibrated": "calibrated", "requant": "requant", "biasfold": "bias fold", "skip": "base kept"}
+
+
+def why(best: str, mode: str, figures: dict[str, float]) -> str:
+    """One line: what was written for a layer and why (figures: e_mod of each candidate scored)."""
+    if best == mode:
+        return f"{ACTION_LABELS[best]} as asked (e_mod {figures[best]:.3f}; 1.0 = LoRA effect lost)"
+    others = ", ".join(f"{ACTION_LABELS[name]} {figure:.3f}" for name, figure in figures.items() if name != best)
+    if best == "skip":
+        return f"base kept: nothing scored better than it on held-out timesteps (e_mod {others})"
+    return f"{ACTION_LABELS[best]} (e_mod {figures[best]:.3f}) scored best on held-out timesteps: {others}"
+
+
+def _written_codes(p: LayerProblem, best: Candidate) -> torch.Tensor:
+    """The chosen candidate's codes in the form they came in: packed qweight or (O, I) uint8."""
+    if best.codes is not None:
+        return best.codes if p.packed is None else AwqQWeight.pack(best.codes)
+    if best.tail_codes is None:
+        return p.codes if p.packed is None else p.packed
+    idx, cols = best.tail_codes
+    if p.packed is not None:
+        return replace_qweight_columns(p.packed, idx, cols)
+    codes = p.codes.clone()
+    codes[:, idx] = cols
+    return codes
+
+
 def _result(p: LayerProblem, best: Candidate, cands: dict[str, Candidate], mode: str, notes: list[str],
             t0: float) -> ModulationResult:
+    numel = p.shape[0] * p.shape[1]
     if best.codes_changed is not None:
-        changed = best.codes_changed / p.codes.numel()
+        changed = best.codes_changed / numel
     else:
-        changed = int(torch.count_nonzero(best.codes != p.codes)) / p.codes.numel()
+        changed = int(torch.count_nonzero(best.codes != p.all_codes())) / numel
     rq = cands.get("requant")
+    written = _written_codes(p, best).cpu()
     return ModulationResult(
-        codes=best.codes.cpu(), scales=best.scales.cpu(), zeros=best.zeros.cpu(), bias=best.bias.cpu(),
+        codes=written if p.packed is None else None, qweight=written if p.packed is not None else None,
+        scales=best.scales.cpu(), zeros=best.zeros.cpu(), bias=best.bias.cpu(),
         action=best.name, mode=mode, e_mod=float(best.e_mod), e_asked=float(cands[mode].e_mod),
         e_biasfold=cands["biasfold"].e_mod, e_biasfold_ideal=biasfold_ideal(p), e_requant=rq.e_mod if rq else None,
         codes_changed=changed, zeros_changed=int(torch.count_nonzero(best.zeros != p.z)) / p.z.numel(),
         bias_changed=int(torch.count_nonzero(best.bias != p.b0)) / p.b0.numel(),
-        seconds=time.perf_counter() - t0, notes=notes)
+        seconds=time.perf_counter() - t0, notes=notes,
+        why=why(best.name, mode, {k: c.e_mod for k, c in cands.items() if k in ("skip", "biasfold", mode)}))
 
 
 def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor,
@@ -375,9 +485,10 @@ def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                      damp: float = DEFAULT_DAMP) -> ModulationResult:
     """Merge a LoRA delta into one AWQ W4A16 modulation layer.
 
-    codes (O, I) uint8 0..15; scales, zeros (O, I/group) bf16-exact; bias (O,) bf16-exact: the base layer, with
-    W = codes * scales + zeros per group. delta_w: ΔW (O, I) dense, or LoRA factors (up (O, r), down (r, I))
-    (faster: nothing O x I is formed). delta_b (O,) or None. Rows in the caller's order.
+    codes (O, I) uint8 0..15, or the packed AWQ qweight int32 (O/4, I/2) (then only the code columns that may
+    change are unpacked, and the result holds the packed `qweight`); scales, zeros (O, I/group) bf16-exact;
+    bias (O,) bf16-exact: the base layer, with W = codes * scales + zeros per group. delta_w: ΔW (O, I) dense,
+    or LoRA factors (up (O, r), down (r, I)) (faster: nothing O x I is formed). delta_b (O,) or None. Rows in the caller's order.
     x_calib: calibration inputs (n, I) or a prebuilt `ModulationCalibration` (build it once for all layers;
     `tail` / `damp` are then ignored). x_eval (n_eval, I): held-out inputs for the figures.
     mode: "calibrated" (default), "requant" (fresh-grid RTN), "biasfold", "skip"; whatever is asked, the best of
@@ -386,7 +497,8 @@ def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     t0 = time.perf_counter()
     dev = torch.device(device)
     # a small layer is all short ops: run it on one CPU thread
-    with cpu_threads(1 if codes.numel() <= _SMALL_LAYER else torch.get_num_threads(), dev):
+    small = codes.numel() * (8 if codes.dtype == torch.int32 else 1) <= _SMALL_LAYER
+    with cpu_threads(1 if small else torch.get_num_threads(), dev):
         p = layer_problem(codes, scales, zeros, bias, delta_w, delta_b, x_calib, x_eval, mode=mode,
                           group_size=group_size, dev=dev, tail=tail, damp=damp)
         cands = {"skip": skip(p), "biasfold": biasfold(p)}
