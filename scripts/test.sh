@@ -13,4 +13,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   pipq --no-deps -r "$LOCK"
   echo "$want" > "$STAMP"
 fi
-exec "$VPY" -m pytest -q "$@"
+# Only the locked plugins: the virtual environment also sees the system's packages (to reuse an installed torch),
+# and a pytest plugin installed there (pytest-benchmark, say) would otherwise join the run.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+exec "$VPY" -m pytest -q -p _hypothesis_pytestplugin "$@"

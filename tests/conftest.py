@@ -7,6 +7,7 @@ copy first (or use the ``make_qwen`` / ``make_zimage`` factories, which build in
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,21 @@ class Built(NamedTuple):
 def _build(factory, directory: Path, name: str, **kwargs) -> Built:
     path = directory / f"{name}.safetensors"
     return Built(path, factory(path, **kwargs))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path plugin has set up its factory
+def pytest_configure(config):
+    """Hypothesis keeps a cache (and, on failure, example patches) under .hypothesis/ of the working folder, some of
+    it while the tests are collected: point it into pytest's temp folder before that, so a test run leaves nothing
+    in the checkout or elsewhere."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None and "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+        folder = factory.getbasetemp() / "hypothesis"
+        folder.mkdir(exist_ok=True)
+        os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(folder)
+        configuration = sys.modules.get("hypothesis.configuration")  # its plugin may have loaded it already
+        if configuration is not None and hasattr(configuration, "set_hypothesis_home_dir"):
+            configuration.set_hypothesis_home_dir(folder)
 
 
 @pytest.fixture(scope="session")

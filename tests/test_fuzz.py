@@ -42,13 +42,8 @@ from converter.st_reader import Checkpoint  # noqa: E402
 
 LONG = int(os.environ.get("QWENLORA_FUZZ_EXAMPLES", "0") or 0)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def hypothesis_home(tmp_path_factory):
-    """No .hypothesis/ folder in the checkout and none outside pytest's temp folders: the examples database is off
-    (database=None below) and failing-example patches go to this module's own temp folder."""
-    if hasattr(hypothesis.configuration, "set_hypothesis_home_dir"):
-        hypothesis.configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+# Hypothesis writes nothing in the checkout: conftest.py points its storage into pytest's temp folder, and the
+# examples database is off (database=None below).
 
 
 def fuzz(ci_examples: int):
