@@ -20,6 +20,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass
+from dataclasses import replace as with_fields
 from typing import TYPE_CHECKING, Callable, Iterable, Union
 
 from . import dtypes, interrupts
@@ -494,9 +495,16 @@ class StreamingWriter:
         data = tensor_bytes(t)
         self._put(_BytesRequest(data, self._expect(name, data.nbytes)))
 
-    def copy_tensor(self, name: str, src: Checkpoint, src_name: str | None = None) -> None:
-        """Tensor `name` of the output is `src_name` (default: the same name) of `src`, byte for byte."""
+    def copy_tensor(self, name: str, src: Checkpoint, src_name: str | None = None,
+                    byte_range: tuple[int, int] | None = None) -> None:
+        """Tensor `name` of the output is `src_name` (default: the same name) of `src`, byte for byte, or bytes
+        [start, stop) of it."""
         info = src.tensors[src_name or name]
+        if byte_range is not None:
+            start, stop = byte_range
+            if not 0 <= start <= stop <= info.nbytes:
+                raise RuntimeError(f"writer: bytes {start}:{stop} of {info.name}, which has {info.nbytes}")
+            info = with_fields(info, start=info.start + start, nbytes=stop - start)
         self._put(_CopyRequest(src, info, self._expect(name, info.nbytes)))
 
     def finish(self, check: Callable[[str], None] | None = None) -> None:

@@ -211,6 +211,8 @@ def test_awq_row_permutation_is_packing_of_the_permuted_codes(o, i):
     packed = pack_w4(q.clone()).view(torch.int32)
     _same(permute_qweight_rows(packed, perm), pack_w4(q[perm].clone()).view(torch.int32))
     _same(permute_qweight_rows(packed, perm), AwqQWeight.pack(AwqQWeight.unpack(packed)[perm]))
+    other = torch.randperm(o)  # same shape, another permutation: the cached chunk map must not be reused
+    _same(permute_qweight_rows(packed, other), pack_w4(q[other].clone()).view(torch.int32))
     p = torch.randn(i // 64, o).to(torch.bfloat16)
     _same(permute_group_params(p, perm), p.t()[perm].t().contiguous())
 
@@ -244,7 +246,7 @@ def test_awq_deinterleave_equals_deepcompressor_without_splits():
     _same(folded_back.to(torch.bfloat16), inter[3][perm])
 
 
-@pytest.mark.parametrize("o,i", [(128, 128), (384, 512), (256, 3072)])
+@pytest.mark.parametrize("o,i", [(128, 128), (384, 512), (256, 3072), (128, 1280)])  # 1280: a partial last step
 def test_group_dots_in_packed_space(o, i):
     """Per-group dot products of the int4 codes with an input vector, read in packed order: the same numbers as
     from the logical codes deepcompressor packed (exact here; fp64 sums in another order in general)."""

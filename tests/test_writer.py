@@ -276,3 +276,20 @@ def test_stale_temp_sweep_spares_locked_and_live_files(tmp_path):
     finally:
         os.close(fd)
     assert io.remove_stale_temps(str(out)) == [locked.name]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_copy_of_a_byte_range(tmp_path, small_stages, direct):
+    """A tensor written as bytes [start, stop) of a base tensor (the export's cuts of whole rows) is those bytes;
+    a range outside the tensor is refused."""
+    p, tensors = _source(tmp_path)
+    rows = tensors["a.big"][100:250]
+    specs = [OutSpec("rows", "BF16", tuple(rows.shape)), OutSpec("odd", "U8", (1001,))]
+    with Checkpoint(p) as src:
+        w = StreamingWriter(tmp_path / "o.safetensors", specs, {"merged": "yes"}, direct=direct)
+        w.copy_tensor("rows", src, "a.big", (100 * 77 * 2, 250 * 77 * 2))
+        with pytest.raises(RuntimeError, match="bytes 0:1002 of a.odd"):
+            w.copy_tensor("odd", src, "a.odd", (0, 1002))
+        w.copy_tensor("odd", src, "a.odd", (0, 1001))
+        w.commit()
+    _check_loads(tmp_path / "o.safetensors", {"rows": rows, "odd": tensors["a.odd"]}, {})

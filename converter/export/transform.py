@@ -116,9 +116,9 @@ class LayerTransformer:
         self.ctx, self.plan = ctx, plan
         self.touched_layers = {k.rpartition(".")[0] for k in plan.touched_keys()}
         self.outputs: dict[str, list[OutTensor]] = {}
-        for o in tree.tensors:
-            if not o.copy:
-                self.outputs.setdefault(o.layer, []).append(o)
+        for out in tree.tensors:
+            if not out.copy and out.byte_range is None:  # a byte range is copied from the base by the writer
+                self.outputs.setdefault(out.layer, []).append(out)
         self.records: list[dict] = []
         self.rounded: list[str] = []
 

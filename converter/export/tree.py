@@ -42,6 +42,9 @@ class OutTensor(OutSpec):
     op: str = "same"
     rows: tuple[int, int] | None = None  # the diffusers part's rows of the layer's output
     copy: bool = True
+    # bytes [start, stop) of `source` in the base are this tensor (a cut of whole rows the merge leaves alone):
+    # written by a file copy, never read into memory
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -78,7 +81,12 @@ class _Builder:
         shape = tuple(shape if shape is not None else src_shape)
         copy = (op == "same" and info is not None and dtype == info.dtype and shape == info.shape
                 and source not in self.touched)
-        self.out.append(OutTensor(name, dtype, shape, layer.prefix if layer else None, source, op, rows, copy))
+        byte_range = None
+        if op == "qweight_rows" and source not in self.touched and rows[0] % 128 == 0 and rows[1] % 128 == 0:
+            row_bytes = info.nbytes // info.shape[0]  # 128-row tiles are outermost: whole tiles are whole rows
+            byte_range = (rows[0] * row_bytes, rows[1] * row_bytes)
+        self.out.append(OutTensor(name, dtype, shape, layer.prefix if layer else None, source, op, rows, copy,
+                                  byte_range))
 
     def parts_of(self, layer: Layer) -> list[DiffusersPart]:
         parts = self.fam.diffusers_parts(layer)
