@@ -18,7 +18,7 @@ from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
 from .folder import (CONFIG_NAME, INDEX_NAME, SHARD_METADATA, AtomicFolder, Shard, check_target, index_json,
                      plan_shards)
-from .prefetch import LayerPrefetch
+from .prefetch import InOrder, LayerPrefetch
 from .tree import ExportError, ExportTree, export_tree
 
 
@@ -104,16 +104,19 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
     contexts: list[MergeContext] = []
     transformers: list = []
 
-    def compute(prefix: str) -> dict:
-        if not transformers:  # torch is imported here, once the copies are under way
-            from .transform import LayerTransformer
+    def compute(prefix: str, in_order: InOrder) -> dict:
+        with in_order():  # the merge, one layer after the other (see LayerTransformer.merge)
+            if not transformers:  # torch is imported here, once the copies are under way
+                from .transform import LayerTransformer
 
-            contexts.append(MergeContext(session.base, session.model, opts.device))
-            transformers.append(LayerTransformer(contexts[0], session.plan, xp.tree))
-        return transformers[0](prefix)
+                contexts.append(MergeContext(session.base, session.model, opts.device))
+                transformers.append(LayerTransformer(contexts[0], session.plan, xp.tree))
+            merged = transformers[0].merge(prefix)
+        return transformers[0].outputs_of(prefix, merged)
 
     started = time.perf_counter()
-    prefetch = LayerPrefetch(computed_layers(xp.shards), compute)
+    layers = computed_layers(xp.shards)
+    prefetch = LayerPrefetch(layers, compute)
     try:
         direct = write_shards(session.base, xp.shards, folder, prefetch.take, progress_counter(opts, xp.tree.nbytes))
         index = index_json(xp.shards)
@@ -132,7 +135,7 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
         if contexts:
             contexts[0].close()
     records = transformers[0].records if transformers else []
-    rounded = transformers[0].rounded if transformers else []
+    rounded = [name for layer in layers for name in transformers[0].rounded.get(layer, [])] if transformers else []
     out = {"seconds": round(time.perf_counter() - started, 3), "output": xp.target,
            "output_bytes": _folder_bytes(xp.target), "write_mode": "direct" if direct else "buffered",
            "layers": records, "layers_summary": summarize_layers(records)}
