@@ -5,12 +5,13 @@ import torch
 from deepcompressor.backend.nunchaku.utils import NunchakuWeightPacker
 from deepcompressor.backend.tinychat.utils import pack_w4
 
-from converter.codecs import CODECS
+from converter.codecs import LAYER_CODECS, layer_codec
 from converter.codecs.awq_w4a16 import AwqQWeight, dequantize
 from converter.codecs.lowrank import LowRankDown, LowRankUp, pad_rank
 from converter.codecs.svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
 from converter.codecs.svdq_weight import SvdqQWeightInt4, SvdqQWeightNvfp4
 from converter.errors import CodecError
+from converter.layout import Layout
 
 pytestmark = pytest.mark.oracle
 PACKER = NunchakuWeightPacker(bits=4)
@@ -122,8 +123,10 @@ def test_pad_rank_and_errors():
 
 
 def test_registry_complete():
-    assert {"svdq_qweight_int4", "svdq_qweight_nvfp4", "svdq_vector", "svdq_wscales_int4", "svdq_wscales_nvfp4",
-            "lowrank_down", "lowrank_up", "awq_qweight", "awq_group_params"} <= set(CODECS)
+    """Every quantized layout has the layer codec that merge, verify and the export dispatch to."""
+    assert set(LAYER_CODECS) == {layout for layout in Layout if layout not in (Layout.DENSE, Layout.VECTOR)}
+    for layout, codec in LAYER_CODECS.items():
+        assert layer_codec(layout) is codec and codec.layout is layout
 
 
 def test_dense_record_figures():

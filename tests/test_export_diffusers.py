@@ -31,8 +31,8 @@ from checks import run  # noqa: E402
 from converter.codecs.awq_w4a16 import AwqQWeight  # noqa: E402
 from converter.codecs.svdq_scales import PackedVector, WScalesInt4  # noqa: E402
 from converter.codecs.svdq_weight import SvdqQWeightInt4  # noqa: E402
-from converter.reference import awq_forward, dense_forward, layer_tensors, svdq_forward, svdq_lowrank  # noqa: E402
-from converter.reference import svdq_main_weight  # noqa: E402
+from reference import awq_forward, dense_forward, layer_tensors, svdq_forward, svdq_lowrank  # noqa: E402
+from reference import svdq_main_weight  # noqa: E402
 from converter.st_reader import Checkpoint  # noqa: E402
 from lora_builders import random_lora_modules, write_lora  # noqa: E402
 

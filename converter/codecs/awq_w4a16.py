@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Layout
+from ..layout import AWQ_GROUP, Layout
 from .base import Codec, LayerCodec, group_dequantize, require
 
-GROUP = 64
+GROUP = AWQ_GROUP
 
 
 class AwqQWeight(Codec, name="awq_qweight"):

@@ -15,8 +15,8 @@ from ..codecs.lowrank import up_rows
 from ..codecs.svdq_scales import PackedVector, WScalesInt4, vector_rows, wscales_rows
 from ..codecs.svdq_weight import group_dots, qweight_rows
 from ..layers import MergeContext, kind_of
-from ..layout import Layout
-from .tree import AWQ_GROUP, ExportError, ExportTree, OutTensor
+from ..layout import AWQ_GROUP, Layout
+from .tree import ExportError, ExportTree, OutTensor
 
 if TYPE_CHECKING:
     from ..layout import Layer

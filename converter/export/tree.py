@@ -18,14 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MergeError
-from ..layout import DiffusersPart, Layer, Layout
+from ..layout import AWQ_GROUP, DiffusersPart, Layer, Layout
 from ..naming import natural
 from ..st_writer import OutSpec
 
 DROPPED = frozenset({"smooth_factor_orig"})  # diffusers' SVDQW4A4Linear has no such parameter
 SVDQ_PARTS = frozenset({"qweight", "wscales", "bias", "smooth_factor", "proj_down", "proj_up", "wcscales", "wtscale"})
 AWQ_PARTS = frozenset({"qweight", "wscales", "wzeros", "bias"})
-AWQ_GROUP = 64
 
 
 class ExportError(MergeError):

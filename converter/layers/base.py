@@ -83,6 +83,8 @@ class LayerKind:
     plot_label: ClassVar[str | None] = None  # `verify --plot` draws a panel of verify_figure per block if set
     plot_limit: ClassVar[float | None] = None  # a tolerance line on that panel
     takes_dense: ClassVar[bool] = True  # takes weight updates that are not low-rank (a dense ΔW)
+    # the parts of its layers whose second dimension is the checkpoint's uniform rank (resized when it changes)
+    rank_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, layouts: tuple[Layout, ...] = (), **kw):
         super().__init_subclass__(**kw)
