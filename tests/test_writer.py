@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import converter.st_writer as io
+import converter.tempfiles as tempfiles
 from builders import build_qwen_checkpoint
 from converter.pipeline import output_order
 from converter.st_reader import Checkpoint
@@ -156,14 +157,14 @@ def test_output_file_mode_follows_umask(tmp_path):
     old = os.umask(0o027)
     try:
         mode = 0o666 & ~0o027
-        io._FILE_MODE, saved = mode, io._FILE_MODE
+        tempfiles.FILE_MODE, saved = mode, tempfiles.FILE_MODE
         with Checkpoint(p) as src:
             _write(src, tmp_path / "o.safetensors", True, {})
     finally:
         os.umask(old)
-        io._FILE_MODE = saved
+        tempfiles.FILE_MODE = saved
     assert (tmp_path / "o.safetensors").stat().st_mode & 0o777 == mode
-    assert io._FILE_MODE == 0o666 & ~old
+    assert tempfiles.FILE_MODE == 0o666 & ~old
 
 
 def test_scalar_and_all_equal_without_torch(tmp_path):
@@ -271,11 +272,11 @@ def test_stale_temp_sweep_spares_locked_and_live_files(tmp_path):
     fd = os.open(locked, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        assert io.remove_stale_temps(str(out)) == [stale.name]
+        assert tempfiles.remove_stale_temps(str(out)) == [stale.name]
         assert not stale.exists() and locked.exists() and live.exists()
     finally:
         os.close(fd)
-    assert io.remove_stale_temps(str(out)) == [locked.name]
+    assert tempfiles.remove_stale_temps(str(out)) == [locked.name]
 
 
 @pytest.mark.parametrize("direct", [True, False])
