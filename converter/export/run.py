@@ -12,7 +12,8 @@ from typing import Callable
 from ..layers import MergeContext
 from ..lorafile import parse_spec
 from ..naming import human_bytes
-from ..pipeline import Options, Session, open_session, post_write_check, progress_counter, provenance
+from ..pipeline import (Options, Session, check_inputs_unchanged, open_session, post_write_check, progress_counter,
+                        provenance)
 from ..report import plan_report, render, summarize_layers
 from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
@@ -124,8 +125,7 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
             folder.write_json(INDEX_NAME, index)
         # "_" keys: ignored by diffusers
         folder.write_json(CONFIG_NAME, xp.config | {"_qwenlora_merge": provenance(session)})
-        for checkpoint in [session.base] + [lora.ckpt for lora in session.loras]:
-            checkpoint.check_unchanged()  # what was read must be what the folder vouches for
+        check_inputs_unchanged(session.base, session.loras)
         folder.commit(xo.overwrite)
     except BaseException:
         folder.abort()

@@ -14,7 +14,7 @@ from ..codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
 from ..codecs.lowrank import up_rows
 from ..codecs.svdq_scales import PackedVector, WScalesInt4, vector_rows, wscales_rows
 from ..codecs.svdq_weight import group_dots, qweight_rows
-from ..layers import MergeContext, kind_of
+from ..layers import MergeContext, merge_layer
 from ..layout import AWQ_GROUP, Layout
 from .tree import ExportError, ExportTree, OutTensor
 
@@ -128,12 +128,7 @@ class LayerTransformer:
         kinds' shared cache is used by one layer at a time."""
         if prefix not in self.touched_layers:
             return {}
-        layer = self.plan.model.layers[prefix]
-        kind = kind_of(layer)
-        merged, record = kind.apply(self.ctx, self.plan, layer, self.plan.ops.get(prefix))
-        if record is not None:
-            self.records.append({"layer": prefix, "method": kind.name} | record)
-        return merged
+        return merge_layer(self.ctx, self.plan, prefix, self.records)
 
     def outputs_of(self, prefix: str, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The layer's export tensors, from its merged tensors and the base's (safe to run on several threads)."""

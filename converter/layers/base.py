@@ -59,6 +59,17 @@ class MergeContext:
         torch.set_num_threads(self._threads)
 
 
+def merge_layer(ctx: MergeContext, plan: Plan, prefix: str, records: list[dict]) -> dict[str, torch.Tensor]:
+    """Layer `prefix`'s tensors that the merge rewrites, made by its kind (the same for a merged file and an
+    export); the kind's fidelity record, if any, is appended to `records` as {"layer", "method", ...}."""
+    layer = plan.model.layers[prefix]
+    kind = kind_of(layer)
+    merged, record = kind.apply(ctx, plan, layer, plan.ops.get(prefix))
+    if record is not None:
+        records.append({"layer": prefix, "method": kind.name} | record)
+    return merged
+
+
 class VerifyContext(MergeContext):
     """A merge context that also holds the merged file being checked."""
 
