@@ -4,6 +4,7 @@ then the changed and transformed layers one at a time, shard after shard, into a
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
 
     started = time.perf_counter()
     layers = computed_layers(xp.shards)
+    gc.freeze()  # as in the merge pass: full collections would keep walking the plan and the headers
     prefetch = LayerPrefetch(layers, compute)
     try:
         direct = write_shards(session.base, xp.shards, folder, prefetch.take, progress_counter(opts, xp.tree.nbytes))
@@ -134,6 +136,7 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
         prefetch.close()  # before the context: the worker may still be computing with it
         if contexts:
             contexts[0].close()
+        gc.unfreeze()
     records = transformers[0].records if transformers else []
     rounded = [name for layer in layers for name in transformers[0].rounded.get(layer, [])] if transformers else []
     out = {"seconds": round(time.perf_counter() - started, 3), "output": xp.target,
