@@ -4,7 +4,7 @@ schedulers, a closed terminal).
 The handler does not raise: an exception raised at an arbitrary bytecode (right after a temp file was made but
 before its writer is held, or inside a lock the writer threads share) can leave a temp file behind or deadlock.
 Nor does it import anything: a signal can land in the middle of an import, and importing from a half-initialised
-module fails. It runs the cleanups registered with `add_cleanup` (st_writer registers the removal of this
+module fails. It runs the cleanups registered with `add_cleanup` (`tempfiles` registers the removal of this
 process's pid-tagged temp files when it is imported; before that no temp file can exist), writes one line and
 exits: 130 for SIGINT, 128 + the signal's number otherwise. The console script installs it (`install`) before it
 imports anything else of the tool, so a signal at any moment after the interpreter started running the tool ends

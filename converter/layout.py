@@ -14,6 +14,13 @@ if TYPE_CHECKING:
 
 MAX_RANK = 1024  # Nunchaku's kernel limit of a low-rank branch (Lora::MAX_RANK)
 SVD_RANK = 64  # default rank budget of W4A4 updates that are not low-rank (full diffs, DoRA)
+RANK_STEP = 16  # a low-rank branch's rank is a multiple of this (its packed tiles are 16 wide)
+AWQ_GROUP = 64  # inputs per scale/zero group of an AWQ W4A16 layer (Nunchaku's and diffusers' kernels)
+
+
+def round16(n: int) -> int:
+    """The smallest rank a branch of `n` columns fits in (a multiple of RANK_STEP)."""
+    return (n + RANK_STEP - 1) // RANK_STEP * RANK_STEP
 
 # How the AWQ modulation layers take a LoRA (converter.modulation): the CLI's --mod choices.
 MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")

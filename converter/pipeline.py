@@ -10,7 +10,7 @@ from typing import Callable
 
 from . import __version__, interrupts
 from .errors import MergeError
-from .layers import MergeContext, kind_of
+from .layers import MergeContext, merge_layer
 from .lorafile import LoraFile, LoraSpec, open_lora
 from .model import Model, load_model
 from .naming import natural
@@ -252,6 +252,13 @@ def progress_counter(opts: Options, total: int) -> Callable[[int], None]:
     return step
 
 
+def check_inputs_unchanged(base: Checkpoint, loras: list) -> None:
+    """What was read must be what the output vouches for (and hashed): the inputs unchanged since they were
+    opened, checked after the last read."""
+    for checkpoint in [base] + [lora.ckpt for lora in loras]:
+        checkpoint.check_unchanged()
+
+
 def execute(s: Session, out_path: str, opts: Options) -> dict:
     return execute_many(s.base, [Job(s, out_path)], opts)[0]
 
@@ -271,11 +278,7 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
     def compute(o: _Output, prefix: str) -> dict:
         if not ctx:
             ctx.append(MergeContext(base, jobs[0].session.model, device))
-        layer = o.plan.model.layers[prefix]
-        new, rec = kind_of(layer).apply(ctx[0], o.plan, layer, o.plan.ops.get(prefix))
-        if rec is not None:
-            o.job.session.records.append({"layer": prefix, "method": kind_of(layer).name} | rec)
-        return new
+        return merge_layer(ctx[0], o.plan, prefix, o.job.session.records)
 
     t0 = time.perf_counter()
     # everything long-lived exists now; the loop below allocates many short-lived objects, and full
@@ -290,8 +293,7 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
                 o.take(name, base, compute)
         for o in outs:
             o.finish()
-        for ck in [base] + [lf.ckpt for j in jobs for lf in j.session.loras]:
-            ck.check_unchanged()  # what was read must be what is vouched for (and hashed)
+        check_inputs_unchanged(base, [lora for job in jobs for lora in job.session.loras])
         with interrupts.deferred():  # a signal now waits until every output is in place: all or nothing
             for o in outs:
                 o.writer.publish(replace=o.job.replace)

@@ -14,15 +14,11 @@ from mappings import FAMILIES, FOREIGN_SIGNATURES
 from .adapters import Adapter
 from .errors import MergeError, ShapeMismatch, UnmappedKeys
 from .layers import LayerKind, kind_of
-from .layout import MAX_RANK, MODULATION_MODES, SVD_RANK, Layer, Layout, Segment
+from .layout import MAX_RANK, MODULATION_MODES, SVD_RANK, Layer, Layout, Segment, round16
 from .lorafile import LoraFile, LoraModule
 from .model import Model
 from .naming import pattern
 from .repeats import Repeat, find_repeats, fold_repeats
-
-
-def round16(n: int) -> int:
-    return (n + 15) // 16 * 16
 
 
 def rank_needed(op: LayerOp, svd_rank: int) -> int:
@@ -56,9 +52,18 @@ class Contribution:
         if [(s.target_start, s.lora_start, s.rows) for s in self.segments] == [(0, 0, out_rows)] == [(0, 0, len(src))]:
             return src
         out = src.new_zeros((out_rows,) + tuple(src.shape[1:]))
-        for s in self.segments:
-            out[s.target_start:s.target_start + s.rows] = src[s.lora_start:s.lora_start + s.rows]
+        self.place_onto(out, src)
         return out
+
+    def place_onto(self, out, src, accumulate: bool = False) -> None:
+        """Write (or add) the rows of the module's output `src` into `out`, indexed by the layer's rows (e.g. the
+        columns of a layer's up factor that this contribution owns)."""
+        for seg in self.segments:
+            rows = out[seg.target_start:seg.target_start + seg.rows]
+            if accumulate:
+                rows += src[seg.lora_start:seg.lora_start + seg.rows]
+            else:
+                rows[...] = src[seg.lora_start:seg.lora_start + seg.rows]
 
 
 @dataclass
@@ -124,7 +129,7 @@ class Plan:
     def out_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         prefix, _, part = name.rpartition(".")
         layer = self.model.layers.get(prefix)
-        if part in ("proj_down", "proj_up") and self.rank_changed and layer is not None and layer.layout.is_svdq:
+        if self.rank_changed and layer is not None and part in kind_of(layer).rank_parts:
             return (shape[0], self.new_rank)
         return shape
 

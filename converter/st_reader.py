@@ -183,7 +183,9 @@ class Checkpoint:
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
-        return torch.frombuffer(self.read_bytes(name), dtype=info.torch_dtype).reshape(info.shape)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # not a bytearray: that would be zeroed first, then read
+        read_exact(self._f.fileno(), memoryview(raw.numpy()), info.start, f"{self.path}: {name}")
+        return raw.view(info.torch_dtype).reshape(info.shape)
 
     def fileno(self) -> int:
         return self._f.fileno()

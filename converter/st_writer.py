@@ -15,17 +15,18 @@ import math
 import mmap
 import os
 import queue
-import shutil
 import struct
 import tempfile
 import threading
 from dataclasses import dataclass
+from dataclasses import replace as with_fields
 from typing import TYPE_CHECKING, Callable, Iterable, Union
 
-from . import dtypes, interrupts
+from . import dtypes, tempfiles
 from .errors import MergeError
 from .posio import pwrite_all as _pwrite_all
 from .st_reader import Checkpoint, TensorInfo
+from .tempfiles import lock_temp, own_temp_prefix, remove_stale_temps
 
 if TYPE_CHECKING:
     import torch
@@ -205,16 +206,6 @@ class _DirectStager:
         _pwrite_all(self.fd, view, start)
 
 
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-UMASK = _umask()
-_FILE_MODE = 0o666 & ~UMASK  # what open() would give a new file, as cp does
-
-
 def _open_direct(path: str) -> int:
     """A second, O_DIRECT descriptor on `path`, or -1 where there is none (other systems, tmpfs, or
     QWENLORA_MERGE_DIRECT_IO=0)."""
@@ -231,103 +222,6 @@ def write_error(path: str, e: OSError) -> MergeError:
     hint = {errno.EFBIG: " (the file-size limit, ulimit -f, was reached)", errno.ENOSPC: " (the disk is full)",
             errno.EDQUOT: " (the disk quota is full)"}.get(e.errno, "")
     return MergeError(f"cannot write {path}: {e.strerror or e}{hint}; nothing was written")
-
-
-def temp_prefix(path: str) -> str:
-    """Temp files of `path` are `.<name>.<pid>.<random>.partial` in its folder: hidden, and telling whose."""
-    return "." + os.path.basename(path) + "."
-
-
-_OWN_TEMPS: set[tuple[str, str]] = set()  # (folder, ".<name>.<pid>.") of this process's temps, registered first
-
-
-def own_temp_prefix(path: str) -> str:
-    """The prefix of this process's temp files (or folders) for `path`, registered so that a signal handler can
-    find them at any moment, even between mkstemp() and the caller holding the writer."""
-    prefix = temp_prefix(path) + f"{os.getpid()}."
-    _OWN_TEMPS.add((os.path.dirname(os.path.abspath(path)), prefix))
-    return prefix
-
-
-def remove_own_temps() -> None:
-    """Delete this process's temp files and folders (from a signal handler: no locks, no writer state)."""
-    for folder, prefix in list(_OWN_TEMPS):
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for e in entries:
-            if e.name.startswith(prefix) and e.name.endswith(".partial"):
-                try:
-                    shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
-                except OSError:
-                    pass
-
-
-interrupts.add_cleanup(remove_own_temps)
-
-
-def remove_stale_temps(path: str) -> list[str]:
-    """Remove temp files (or folders) of `path` left by processes that no longer run (a merge killed with
-    SIGKILL, a power cut): nothing else can. Best effort; a live process's temp file is never touched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix, removed = temp_prefix(path), []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(".partial") else ""
-        stale = os.path.join(folder, name)
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and not lock_held(stale):
-            try:
-                shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.unlink(stale)
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
-
-
-def lock_temp(fd: int) -> None:
-    """Hold an advisory lock on a temp file (or folder) for as long as `fd` is open: it dies with the process,
-    SIGKILL included, and unlike a pid it also tells across pid namespaces and hosts that share a folder."""
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (ImportError, OSError):
-        pass  # no flock here (Windows, some network filesystems): the pid check alone decides
-
-
-def lock_held(path: str) -> bool:
-    """Whether some process holds the lock of `lock_temp` on `path` (unknown: False)."""
-    try:
-        import fcntl
-
-        fd = os.open(path, os.O_RDONLY)
-    except (ImportError, OSError):
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing drops our own probe lock
-
-
-def pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no signal-0 probe (os.kill would terminate the process on Windows): leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's process, or no way to tell: leave its file alone
-    return True
 
 
 def header_bytes(specs: list[OutSpec], metadata: dict[str, str]) -> bytes:
@@ -366,7 +260,7 @@ class StreamingWriter:
         try:
             fd, self.tmp_path = tempfile.mkstemp(prefix=own_temp_prefix(self.path), suffix=".partial",
                                                  dir=folder)
-            os.chmod(self.tmp_path, _FILE_MODE)  # mkstemp makes 0600; the merged file is an ordinary, shareable one
+            os.chmod(self.tmp_path, tempfiles.FILE_MODE)  # mkstemp makes 0600; the merged file is an ordinary, shareable one
             lock_temp(fd)
         except OSError as e:
             raise write_error(self.path, e) from None
@@ -494,9 +388,16 @@ class StreamingWriter:
         data = tensor_bytes(t)
         self._put(_BytesRequest(data, self._expect(name, data.nbytes)))
 
-    def copy_tensor(self, name: str, src: Checkpoint, src_name: str | None = None) -> None:
-        """Tensor `name` of the output is `src_name` (default: the same name) of `src`, byte for byte."""
+    def copy_tensor(self, name: str, src: Checkpoint, src_name: str | None = None,
+                    byte_range: tuple[int, int] | None = None) -> None:
+        """Tensor `name` of the output is `src_name` (default: the same name) of `src`, byte for byte, or bytes
+        [start, stop) of it."""
         info = src.tensors[src_name or name]
+        if byte_range is not None:
+            start, stop = byte_range
+            if not 0 <= start <= stop <= info.nbytes:
+                raise RuntimeError(f"writer: bytes {start}:{stop} of {info.name}, which has {info.nbytes}")
+            info = with_fields(info, start=info.start + start, nbytes=stop - start)
         self._put(_CopyRequest(src, info, self._expect(name, info.nbytes)))
 
     def finish(self, check: Callable[[str], None] | None = None) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .errors import MergeError
 from .layers import BY_NAME, VerifyContext, kind_of
-from .layout import MODULATION_MODES
+from .layout import MAX_RANK, MODULATION_MODES, RANK_STEP
 from .lorafile import LoraSpec, file_sha256
 from .pipeline import Options, Session, open_session
 from .planner import SVD_RANK, Plan
@@ -68,14 +68,15 @@ def _rank_problems(base: Checkpoint, merged: Checkpoint) -> list[str]:
     if qc is None:
         return ["metadata quantization_config is missing or not a JSON object"]
     probs = []
-    ranks = {merged.tensors[k].shape[1] for k in merged.keys() if k.endswith((".proj_down", ".proj_up"))}
+    rank_parts = {part for kind in BY_NAME.values() for part in kind.rank_parts}
+    ranks = {merged.tensors[k].shape[1] for k in merged.keys() if k.rpartition(".")[2] in rank_parts}
     meta_rank = qc.get("rank", 32)
     if len(ranks) > 1:
         probs.append(f"SVDQ layers have different ranks {sorted(ranks)}; loaders build one rank for all")
     elif ranks and ranks != {meta_rank}:
         probs.append(f"metadata rank {meta_rank} does not match the layers' rank {next(iter(ranks))} (stale rank)")
-    if any(r % 16 for r in ranks) or any(r > 1024 for r in ranks):
-        probs.append(f"rank {sorted(ranks)} is not a multiple of 16 or above 1024")
+    if any(r % RANK_STEP for r in ranks) or any(r > MAX_RANK for r in ranks):
+        probs.append(f"rank {sorted(ranks)} is not a multiple of {RANK_STEP} or above {MAX_RANK}")
     a, b = dict(_json_object(base.metadata.get("quantization_config", "{}")) or {}), dict(qc)
     for d in (a, b):
         d.pop("rank", None), d.pop("runtime_manifest", None)

@@ -25,6 +25,8 @@ What it does
      merge-lokr  `python -m converter.cli BASE LOKR -o OUT --mod skip`: a LyCORIS LoKr (w1 4x4 full, w2 rank 16,
                  exact rank 64 like the LoRA) on every attention/MLP module (--no-lokr drops it; its target is
                  <= 1.3x merge-skip)
+     export-skip `python -m converter.cli export-diffusers BASE LORA -o DIR --mod skip`: the same merge written as
+                 a diffusers folder (--no-export drops it; its target is <= 1.5x merge-skip)
      merge-mod-DEV   `python -m converter.cli BASE LORA -o OUT --device DEV` (default --mod calibrated: all 120
                  modulation layers requantized), DEV = cpu, and cuda where torch sees a GPU (--device picks)
      merge-dora-DEV  a LyCORIS LoRA (rank 16) + DoRA (`dora_scale` (out, 1)) on every W4A4 module (480 layers
@@ -43,9 +45,9 @@ What it does
    cache. --cold instead runs `sync; echo 3 > /proc/sys/vm/drop_caches` before each job (root only).
 
 Prints the machine (with the date), then a table: job, wall s, ratio to cp, ratio to merge-skip (same run), CPU
-s, peak RSS, output size, load, CPU pressure, status; then the targets: merge-skip <= 1.3x cp, merge-lokr <= 1.3x
-merge-skip, the CPU merges' peak RSS <= 1.5 GB, merge-mod-cpu <= 3x merge-skip, merge-dora-cpu <= 300 s,
-merge-mod-cuda <= 1.5x merge-skip, merge-dora-cuda <= 60 s.
+s, peak RSS, output size, load, CPU pressure, status; then the targets: merge-skip <= 1.3x cp, export-skip <= 1.5x
+merge-skip, merge-lokr <= 1.3x merge-skip, the CPU merges' peak RSS <= 1.5 GB, merge-mod-cpu <= 3x merge-skip,
+merge-dora-cpu <= 300 s, merge-mod-cuda <= 1.5x merge-skip, merge-dora-cuda <= 60 s.
 --json prints the same as one JSON object instead; every run also saves it as <workdir>/results-*.json.
 Generated files: ~12.65 GB (rank 128) or ~11.5 GB (rank 32) base plus a 1.18 GB LoRA; the run needs about
 1.3x the base free again for the outputs (one at a time).
@@ -518,11 +520,17 @@ print(json.dumps({"wall": wall, "rc": os.waitstatus_to_exitcode(status), "utime"
 """
 
 
+def _remove(out: Path) -> None:
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+
+
 def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, anon_cap: int | None, env=None,
             log=print) -> Result:
     res = Result(name)
-    if out.exists():
-        out.unlink()
+    _remove(out)
     stdout_p, stderr_p = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
     spec = json.dumps([anon_cap, str(stdout_p), str(stderr_p), argv])
     load0, psi0 = os.getloadavg()[0], cpu_pressure_us()
@@ -554,11 +562,11 @@ def run_job(name: str, argv: list[str], out: Path, workdir: Path, *, anon_cap: i
             res.note = f"stopped by the watchdog: {m['killed']}"
         if "cannot import name 'modulation'" in err or "No module named 'converter.modulation'" in err:
             res.status, res.note = "not available", "converter/modulation.py does not exist yet"
-    if out.exists():
-        res.output_bytes = out.stat().st_size
-        out.unlink()
+    if out.exists():  # a file, or the export's folder
+        res.output_bytes = sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size
+        _remove(out)
     os.sync()  # flush whatever the job left dirty before the next one starts (untimed)
-    if rc == 0 and name.startswith("merge"):
+    if rc == 0 and name.startswith(("merge", "export")):
         try:
             rep = json.loads(stdout_p.read_text())
             res.extra |= {"merge_seconds": rep.get("seconds"), "write_mode": rep.get("write_mode"), "rank": rep.get("rank"),
@@ -640,6 +648,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lokr", action=argparse.BooleanOptionalAction, default=True,
                     help=f"also merge a rank-{LOKR_RANK} LyCORIS LoKr (factor {LOKR_FACTOR}) on every attention/MLP "
                          "module, --mod skip, against merge-skip (default on)")
+    ap.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time export-diffusers of the same base and LoRA (--mod skip), a folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--generate-only", action="store_true", help="only generate (or check) the cached files")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -722,6 +732,9 @@ def main(argv=None) -> int:
     if a.cp_nosync:
         jobs.append(("cp-nosync", ["cp", "--", str(base), str(out)], None))
     jobs.append(("merge-skip", merge_of(lora, "--mod", "skip", "--device", "cpu"), None))
+    if a.export:
+        jobs.append(("export-skip", [sys.executable, "-m", "converter.cli", "export-diffusers", str(base), str(lora),
+                                     "-o", str(out), "-q", "--json", "--mod", "skip"], None))
     if a.lokr:
         jobs.append(("merge-lokr", merge_of(lokr, "--mod", "skip", "--device", "cpu"), None))
     for d in devices:  # the heavy per-layer maths, on each device
@@ -787,6 +800,9 @@ def main(argv=None) -> int:
         if "merge-skip" in ok and cp:
             t = ok["merge-skip"].ratio
             print(f"\ntarget merge-skip <= 1.3x cp: {'met' if t <= 1.3 else 'MISSED'} ({t:.2f}x)")
+        if "export-skip" in ok and "merge-skip" in ok:
+            t = ok["export-skip"].wall_s / ok["merge-skip"].wall_s
+            print(f"target export-skip <= 1.5x merge-skip: {'met' if t <= 1.5 else 'MISSED'} ({t:.2f}x)")
         if "merge-lokr" in ok and "merge-skip" in ok:
             t = ok["merge-lokr"].wall_s / ok["merge-skip"].wall_s
             print(f"target merge-lokr <= 1.3x merge-skip: {'met' if t <= 1.3 else 'MISSED'} ({t:.2f}x)")

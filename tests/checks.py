@@ -2,7 +2,7 @@
 
 Expected deltas are computed here from the LoRA specs (γ = strength·alpha/rank per original module) and the
 builders' target map; the merged layers are evaluated with the CPU reference forward built from the packed
-tensors (converter.reference, whose codecs are tested bit-exact against deepcompressor).
+tensors (tests/reference.py, whose codecs are tested bit-exact against deepcompressor).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import torch
 
 from converter.factors import dense_record
-from converter.reference import layer_tensors, svdq_forward
+from reference import layer_tensors, svdq_forward
 from converter.st_reader import Checkpoint
 
 W4A4_TOL = 1e-2

@@ -5,12 +5,13 @@ import torch
 from deepcompressor.backend.nunchaku.utils import NunchakuWeightPacker
 from deepcompressor.backend.tinychat.utils import pack_w4
 
-from converter.codecs import CODECS
+from converter.codecs import LAYER_CODECS, layer_codec
 from converter.codecs.awq_w4a16 import AwqQWeight, dequantize
 from converter.codecs.lowrank import LowRankDown, LowRankUp, pad_rank
 from converter.codecs.svdq_scales import PackedVector, WScalesInt4, WScalesNvfp4
 from converter.codecs.svdq_weight import SvdqQWeightInt4, SvdqQWeightNvfp4
 from converter.errors import CodecError
+from converter.layout import Layout
 
 pytestmark = pytest.mark.oracle
 PACKER = NunchakuWeightPacker(bits=4)
@@ -122,8 +123,10 @@ def test_pad_rank_and_errors():
 
 
 def test_registry_complete():
-    assert {"svdq_qweight_int4", "svdq_qweight_nvfp4", "svdq_vector", "svdq_wscales_int4", "svdq_wscales_nvfp4",
-            "lowrank_down", "lowrank_up", "awq_qweight", "awq_group_params"} <= set(CODECS)
+    """Every quantized layout has the layer codec that merge, verify and the export dispatch to."""
+    assert set(LAYER_CODECS) == {layout for layout in Layout if layout not in (Layout.DENSE, Layout.VECTOR)}
+    for layout, codec in LAYER_CODECS.items():
+        assert layer_codec(layout) is codec and codec.layout is layout
 
 
 def test_dense_record_figures():
@@ -211,6 +214,8 @@ def test_awq_row_permutation_is_packing_of_the_permuted_codes(o, i):
     packed = pack_w4(q.clone()).view(torch.int32)
     _same(permute_qweight_rows(packed, perm), pack_w4(q[perm].clone()).view(torch.int32))
     _same(permute_qweight_rows(packed, perm), AwqQWeight.pack(AwqQWeight.unpack(packed)[perm]))
+    other = torch.randperm(o)  # same shape, another permutation: the cached chunk map must not be reused
+    _same(permute_qweight_rows(packed, other), pack_w4(q[other].clone()).view(torch.int32))
     p = torch.randn(i // 64, o).to(torch.bfloat16)
     _same(permute_group_params(p, perm), p.t()[perm].t().contiguous())
 
@@ -244,7 +249,7 @@ def test_awq_deinterleave_equals_deepcompressor_without_splits():
     _same(folded_back.to(torch.bfloat16), inter[3][perm])
 
 
-@pytest.mark.parametrize("o,i", [(128, 128), (384, 512), (256, 3072)])
+@pytest.mark.parametrize("o,i", [(128, 128), (384, 512), (256, 3072), (128, 1280)])  # 1280: a partial last step
 def test_group_dots_in_packed_space(o, i):
     """Per-group dot products of the int4 codes with an input vector, read in packed order: the same numbers as
     from the logical codes deepcompressor packed (exact here; fp64 sums in another order in general)."""

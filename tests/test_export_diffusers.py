@@ -31,8 +31,8 @@ from checks import run  # noqa: E402
 from converter.codecs.awq_w4a16 import AwqQWeight  # noqa: E402
 from converter.codecs.svdq_scales import PackedVector, WScalesInt4  # noqa: E402
 from converter.codecs.svdq_weight import SvdqQWeightInt4  # noqa: E402
-from converter.reference import awq_forward, dense_forward, layer_tensors, svdq_forward, svdq_lowrank  # noqa: E402
-from converter.reference import svdq_main_weight  # noqa: E402
+from reference import awq_forward, dense_forward, layer_tensors, svdq_forward, svdq_lowrank  # noqa: E402
+from reference import svdq_main_weight  # noqa: E402
 from converter.st_reader import Checkpoint  # noqa: E402
 from lora_builders import random_lora_modules, write_lora  # noqa: E402
 
@@ -400,18 +400,18 @@ def test_existing_folder_overwrite_and_interrupt_are_atomic(zimage_nvfp4, tmp_pa
 
     calls = []
 
-    def interrupted(self, prefix):
+    def interrupted(self, prefix, merged):
         calls.append(prefix)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(self, prefix)
+        return real(self, prefix, merged)
 
-    real = transform.LayerTransformer.__call__
-    monkeypatch.setattr(transform.LayerTransformer, "__call__", interrupted)
+    real = transform.LayerTransformer.outputs_of
+    monkeypatch.setattr(transform.LayerTransformer, "outputs_of", interrupted)
     res = run("export-diffusers", zimage_nvfp4.path, "-o", out, "--overwrite", ok=False)
     assert res.exit_code == 130 and os.listdir(out) == ["old.txt"]  # the old folder untouched
     assert sorted(os.listdir(tmp_path)) == ["out"], "temp left behind"
-    monkeypatch.setattr(transform.LayerTransformer, "__call__", real)
+    monkeypatch.setattr(transform.LayerTransformer, "outputs_of", real)
     (tmp_path / ".out.999999999.x.partial").mkdir()  # left by a killed export (no such process): removed
     (tmp_path / f".out.{os.getppid()}.y.partial").mkdir()  # a running process's: kept
     run("export-diffusers", zimage_nvfp4.path, "-o", out, "--overwrite", "-q")

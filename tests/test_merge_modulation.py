@@ -13,7 +13,7 @@ from loader_emulation import check_loadable
 from lora_builders import random_lora_modules, write_lora
 
 from converter.modulation import evaluation_sigmas, modulation_inputs
-from converter.reference import awq_forward, layer_tensors
+from reference import awq_forward, layer_tensors
 from converter.st_reader import Checkpoint
 
 D = 256

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import converter.st_writer as io
+import converter.tempfiles as tempfiles
 from builders import build_qwen_checkpoint
 from converter.pipeline import output_order
 from converter.st_reader import Checkpoint
@@ -156,14 +157,14 @@ def test_output_file_mode_follows_umask(tmp_path):
     old = os.umask(0o027)
     try:
         mode = 0o666 & ~0o027
-        io._FILE_MODE, saved = mode, io._FILE_MODE
+        tempfiles.FILE_MODE, saved = mode, tempfiles.FILE_MODE
         with Checkpoint(p) as src:
             _write(src, tmp_path / "o.safetensors", True, {})
     finally:
         os.umask(old)
-        io._FILE_MODE = saved
+        tempfiles.FILE_MODE = saved
     assert (tmp_path / "o.safetensors").stat().st_mode & 0o777 == mode
-    assert io._FILE_MODE == 0o666 & ~old
+    assert tempfiles.FILE_MODE == 0o666 & ~old
 
 
 def test_scalar_and_all_equal_without_torch(tmp_path):
@@ -271,8 +272,25 @@ def test_stale_temp_sweep_spares_locked_and_live_files(tmp_path):
     fd = os.open(locked, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        assert io.remove_stale_temps(str(out)) == [stale.name]
+        assert tempfiles.remove_stale_temps(str(out)) == [stale.name]
         assert not stale.exists() and locked.exists() and live.exists()
     finally:
         os.close(fd)
-    assert io.remove_stale_temps(str(out)) == [locked.name]
+    assert tempfiles.remove_stale_temps(str(out)) == [locked.name]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_copy_of_a_byte_range(tmp_path, small_stages, direct):
+    """A tensor written as bytes [start, stop) of a base tensor (the export's cuts of whole rows) is those bytes;
+    a range outside the tensor is refused."""
+    p, tensors = _source(tmp_path)
+    rows = tensors["a.big"][100:250]
+    specs = [OutSpec("rows", "BF16", tuple(rows.shape)), OutSpec("odd", "U8", (1001,))]
+    with Checkpoint(p) as src:
+        w = StreamingWriter(tmp_path / "o.safetensors", specs, {"merged": "yes"}, direct=direct)
+        w.copy_tensor("rows", src, "a.big", (100 * 77 * 2, 250 * 77 * 2))
+        with pytest.raises(RuntimeError, match="bytes 0:1002 of a.odd"):
+            w.copy_tensor("odd", src, "a.odd", (0, 1002))
+        w.copy_tensor("odd", src, "a.odd", (0, 1001))
+        w.commit()
+    _check_loads(tmp_path / "o.safetensors", {"rows": rows, "odd": tensors["a.odd"]}, {})

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Layout
+from ..layout import AWQ_GROUP, Layout
 from .base import Codec, LayerCodec, group_dequantize, require
 
-GROUP = 64
+GROUP = AWQ_GROUP
 
 
 class AwqQWeight(Codec, name="awq_qweight"):
@@ -116,22 +116,37 @@ def dequantize(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tenso
 
 
 # -- output-row permutations in packed space (the diffusers export de-interleaves Qwen's modulation rows) ----------
-def _per_channel(qweight: torch.Tensor) -> torch.Tensor:
-    """int32 (O/4, I/2) -> (O, I/64, 8): each output channel's eight int32 words per group of 64 inputs. In the
-    int32 view the word (n4, c64*32 + r*8 + w) belongs to channel n = 4*n4 + r (the int16 layout above)."""
-    o4, half = qweight.shape
-    return qweight.reshape(o4, half // 32, 4, 8).permute(0, 2, 1, 3).reshape(o4 * 4, half // 32, 8)
+# In the int32 view of qweight (O/4, I/2) the eight words (n4, c64*32 + r*8 + w), w < 8, are channel n = 4*n4 + r's
+# codes for the inputs of group c64 (the int16 layout above): a row permutation moves whole 32-byte chunks.
+_CHUNK_MAPS: dict[tuple, torch.Tensor] = {}  # (shape, permutation) -> source chunk of every output chunk
+_CHUNK_MAPS_KEPT = 8
+
+
+def _chunk_map(o4: int, half: int, perm: torch.Tensor) -> torch.Tensor:
+    """Flat index of the source 32-byte chunk of each chunk of the permuted qweight, computed once per shape and
+    permutation (the 120 modulation layers of a Qwen checkpoint share both)."""
+    key = (o4, half, perm.numpy().tobytes())
+    found = _CHUNK_MAPS.get(key)
+    if found is None:
+        groups = half // 32
+        channel = perm.reshape(o4, 1, 4)  # output chunk (n4, c64, r) holds source channel perm[4*n4 + r]
+        group = torch.arange(groups, dtype=torch.int64).reshape(1, groups, 1)
+        found = ((channel // 4) * (half // 8) + group * 4 + channel % 4).reshape(-1)
+        if len(_CHUNK_MAPS) >= _CHUNK_MAPS_KEPT:
+            _CHUNK_MAPS.clear()
+        _CHUNK_MAPS[key] = found
+    return found
 
 
 def permute_qweight_rows(qweight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Packed qweight of the layer whose output row i is row perm[i] of this one: whole 32-byte words move, no
-    nibble is unpacked."""
+    nibble is unpacked (one gather of chunks)."""
     require(qweight.dtype == torch.int32 and qweight.ndim == 2 and qweight.shape[1] % 32 == 0,
             "AWQ qweight must be a 2-D int32 tensor of whole 64-input groups")
     o4, half = qweight.shape
     require(perm.shape == (o4 * 4,), f"permutation of {tuple(perm.shape)} rows for an AWQ layer of {o4 * 4}")
-    pc = _per_channel(qweight.contiguous())[perm.long()]
-    return pc.reshape(o4, 4, half // 32, 8).permute(0, 2, 1, 3).reshape(o4, half).contiguous()
+    chunks = qweight.contiguous().view(torch.int64).reshape(-1, 4)  # a chunk: 8 int32 words = 4 int64
+    return chunks.index_select(0, _chunk_map(o4, half, perm.long())).view(torch.int32).reshape(o4, half)
 
 
 def permute_group_params(p: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from ..layout import Layout
 if TYPE_CHECKING:
     import torch
 
-CODECS: dict[str, type[Codec]] = {}
 LAYER_CODECS: dict[Layout, type[LayerCodec]] = {}
 
 
@@ -29,16 +28,15 @@ def require(cond: bool, msg: str) -> None:
 
 
 class Codec:
-    """Base class; subclasses register themselves with `class X(Codec, name="...")`."""
+    """Base class of one packed tensor's format: `class X(Codec, name="...")`, the name for messages. Codecs are
+    called by class; only the layer codecs are looked up (by `Layout`, `layer_codec`)."""
 
     name: ClassVar[str] = ""
 
     def __init_subclass__(cls, name: str = "", **kw):
         super().__init_subclass__(**kw)
         if name:
-            require(name not in CODECS, f"codec {name!r} registered twice")
             cls.name = name
-            CODECS[name] = cls
 
     @classmethod
     def pack(cls, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 
 from ..dtypes import TORCH_NAMES
+from ..layout import AWQ_GROUP  # not validated by diffusers, but its AWQ kernels are hard-wired to it
 from .tree import ExportError, ExportTree
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose Nunchaku Lite contract the export follows
 PRECISIONS = {"int4": "int4", "fp4_e2m1_all": "nvfp4"}  # nunchaku's quantization_config.weight.dtype -> diffusers'
 SVDQ_GROUP = {"int4": 64, "nvfp4": 16}  # diffusers refuses any other (quantization_config.py post_init)
-AWQ_GROUP = 64  # not validated by diffusers, but its AWQ kernels are hard-wired to 64
 
 
 def precision(model) -> str:

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 
 from .. import interrupts
-from ..st_writer import UMASK, lock_temp, own_temp_prefix, remove_stale_temps
+from ..tempfiles import UMASK, lock_temp, own_temp_prefix, remove_stale_temps
 from .tree import ExportError, OutTensor
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers utils/constants.py

@@ -4,6 +4,7 @@ then the changed and transformed layers one at a time, shard after shard, into a
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -12,13 +13,14 @@ from typing import Callable
 from ..layers import MergeContext
 from ..lorafile import LoraSpec
 from ..naming import human_bytes
-from ..pipeline import (Options, Session, open_session, pick_device, post_write_check, progress_counter,
-                        provenance)
+from ..pipeline import (Options, Session, check_inputs_unchanged, open_session, pick_device, post_write_check,
+                        progress_counter, provenance)
 from ..report import plan_report, render, summarize_layers
 from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
 from .folder import (CONFIG_NAME, INDEX_NAME, SHARD_METADATA, AtomicFolder, Shard, check_target, index_json,
                      plan_shards)
+from .prefetch import InOrder, LayerPrefetch
 from .tree import ExportError, ExportTree, export_tree
 
 
@@ -97,74 +99,92 @@ def export_diffusers(base: str, lora_specs: list[LoraSpec], opts: Options, xo: E
 
 
 def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
-    s = xp.session
-    for lf in s.loras:
-        lf.hash_in_background()
+    session = xp.session
+    for lora in session.loras:
+        lora.hash_in_background()
     folder = AtomicFolder(xp.target)
-    ctx: list[MergeContext] = []
-    transformer: list = []
+    contexts: list[MergeContext] = []
+    transformers: list = []
 
-    def compute(prefix: str) -> dict:
-        if not transformer:  # torch is imported here, once the copies are under way
-            from .transform import LayerTransformer
+    def compute(prefix: str, in_order: InOrder) -> dict:
+        with in_order():  # the merge, one layer after the other (see LayerTransformer.merge)
+            if not transformers:  # torch is imported here, once the copies are under way
+                from .transform import LayerTransformer
 
-            ctx.append(MergeContext(s.base, s.model, pick_device(opts.device, [s.plan])[0]))
-            transformer.append(LayerTransformer(ctx[0], s.plan, xp.tree))
-        return transformer[0](prefix)
+                device = pick_device(opts.device, [session.plan])[0]
+                contexts.append(MergeContext(session.base, session.model, device))
+                transformers.append(LayerTransformer(contexts[0], session.plan, xp.tree))
+            merged = transformers[0].merge(prefix)
+        return transformers[0].outputs_of(prefix, merged)
 
-    t0 = time.perf_counter()
+    started = time.perf_counter()
+    layers = computed_layers(xp.shards)
+    gc.freeze()  # as in the merge pass: full collections would keep walking the plan and the headers
+    prefetch = LayerPrefetch(layers, compute)
     try:
-        direct = write_shards(s.base, xp.shards, folder, compute, progress_counter(opts, xp.tree.nbytes))
+        direct = write_shards(session.base, xp.shards, folder, prefetch.take, progress_counter(opts, xp.tree.nbytes))
         index = index_json(xp.shards)
         if index is not None:
             folder.write_json(INDEX_NAME, index)
-        folder.write_json(CONFIG_NAME, xp.config | {"_qwenlora_merge": provenance(s)})  # "_" keys: ignored by diffusers
-        for ck in [s.base] + [lf.ckpt for lf in s.loras]:
-            ck.check_unchanged()  # what was read must be what the folder vouches for
+        # "_" keys: ignored by diffusers
+        folder.write_json(CONFIG_NAME, xp.config | {"_qwenlora_merge": provenance(session)})
+        check_inputs_unchanged(session.base, session.loras)
         folder.commit(xo.overwrite)
     except BaseException:
         folder.abort()
         raise
     finally:
-        if ctx:
-            ctx[0].close()
-    records = transformer[0].records if transformer else []
-    rounded = transformer[0].rounded if transformer else []
-    out = {"seconds": round(time.perf_counter() - t0, 3), "output": xp.target, "output_bytes": _folder_bytes(xp.target),
-           "write_mode": "direct" if direct else "buffered", "layers": records,
-           "layers_summary": summarize_layers(records)}
+        prefetch.close()  # before the context: the worker may still be computing with it
+        if contexts:
+            contexts[0].close()
+        gc.unfreeze()
+    records = transformers[0].records if transformers else []
+    rounded = [name for layer in layers for name in transformers[0].rounded.get(layer, [])] if transformers else []
+    out = {"seconds": round(time.perf_counter() - started, 3), "output": xp.target,
+           "output_bytes": _folder_bytes(xp.target), "write_mode": "direct" if direct else "buffered",
+           "layers": records, "layers_summary": summarize_layers(records)}
     if rounded:
         xp.report["warnings"].append(f"{len(rounded)} tensors rounded to the compute dtype diffusers holds them in "
                                      f"(e.g. {rounded[0]})")
     return out
 
 
+def computed_layers(shards: list[Shard]) -> list[str]:
+    """The layers whose tensors are computed, in the order the writer first needs one of them."""
+    order: dict[str, None] = {}
+    for shard in shards:
+        for tensor in shard.tensors:
+            if not tensor.copy and tensor.byte_range is None:
+                order.setdefault(tensor.layer)
+    return list(order)
+
+
 def write_shards(base, shards: list[Shard], folder: AtomicFolder, compute: Callable[[str], dict],
                  progress: Callable[[int], None] | None) -> bool:
-    """Every shard through its own streaming writer, one after the other; a layer is computed when its first
-    tensor comes up and its other tensors wait (one layer, plus a few tiny ones moved to a shard's end).
-    Returns whether every byte went through O_DIRECT."""
+    """Every shard through its own streaming writer, one after the other; a layer's tensors are taken from
+    `compute` when its first computed tensor comes up and its other tensors wait (one layer, plus a few tiny
+    ones moved to a shard's end). Returns whether every byte went through O_DIRECT."""
     pending: dict = {}
     done: set[str] = set()
     direct = True
     for shard in shards:
         specs = [OutSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
-        w = StreamingWriter(folder.path(shard.file), specs, SHARD_METADATA, progress=progress)
+        writer = StreamingWriter(folder.path(shard.file), specs, SHARD_METADATA, progress=progress)
         try:
-            for t in shard.tensors:
-                if t.copy:
-                    w.copy_tensor(t.name, base, t.source)
+            for tensor in shard.tensors:
+                if tensor.copy or tensor.byte_range is not None:
+                    writer.copy_tensor(tensor.name, base, tensor.source, tensor.byte_range)
                     continue
-                if t.layer not in done:
-                    pending.update(compute(t.layer))
-                    done.add(t.layer)
-                w.write_tensor(t.name, pending.pop(t.name))
-            w.finish(check=lambda tmp: post_write_check(tmp, specs, SHARD_METADATA))
-            w.publish()
+                if tensor.layer not in done:
+                    pending.update(compute(tensor.layer))
+                    done.add(tensor.layer)
+                writer.write_tensor(tensor.name, pending.pop(tensor.name))
+            writer.finish(check=lambda tmp: post_write_check(tmp, specs, SHARD_METADATA))
+            writer.publish()
         except BaseException:
-            w.abort()
+            writer.abort()
             raise
-        direct = direct and w.direct
+        direct = direct and writer.direct
     return direct
 
 

@@ -14,9 +14,9 @@ from ..codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
 from ..codecs.lowrank import up_rows
 from ..codecs.svdq_scales import PackedVector, WScalesInt4, vector_rows, wscales_rows
 from ..codecs.svdq_weight import group_dots, qweight_rows
-from ..layers import MergeContext, kind_of
-from ..layout import Layout
-from .tree import AWQ_GROUP, ExportError, ExportTree, OutTensor
+from ..layers import MergeContext, merge_layer
+from ..layout import AWQ_GROUP, Layout
+from .tree import ExportError, ExportTree, OutTensor
 
 if TYPE_CHECKING:
     from ..layout import Layer
@@ -110,37 +110,42 @@ OPS: dict[str, Callable[[_Sources, OutTensor, torch.Tensor | None], torch.Tensor
 
 class LayerTransformer:
     """Computes the export's tensors of one checkpoint layer at a time (the merge through the layer kinds, then
-    the ops), keeping the merge's fidelity records and the values the compute dtype had to round."""
+    the ops), keeping the merge's fidelity records and, per layer, the values the compute dtype had to round."""
 
     def __init__(self, ctx: MergeContext, plan: Plan, tree: ExportTree):
         self.ctx, self.plan = ctx, plan
         self.touched_layers = {k.rpartition(".")[0] for k in plan.touched_keys()}
         self.outputs: dict[str, list[OutTensor]] = {}
-        for o in tree.tensors:
-            if not o.copy:
-                self.outputs.setdefault(o.layer, []).append(o)
+        for out in tree.tensors:
+            if not out.copy and out.byte_range is None:  # a byte range is copied from the base by the writer
+                self.outputs.setdefault(out.layer, []).append(out)
         self.records: list[dict] = []
-        self.rounded: list[str] = []
+        self.rounded: dict[str, list[str]] = {}  # layer -> its tensors rounded to the compute dtype
 
-    def __call__(self, prefix: str) -> dict[str, torch.Tensor]:
-        layer = self.plan.model.layers[prefix]
-        outs = self.outputs[prefix]
-        merged: dict[str, torch.Tensor] = {}
-        if prefix in self.touched_layers:  # the merge rewrites some of its tensors
-            kind = kind_of(layer)
-            merged, rec = kind.apply(self.ctx, self.plan, layer, self.plan.ops.get(prefix))
-            if rec is not None:
-                self.records.append({"layer": prefix, "method": kind.name} | rec)
-        src = _Sources(self.ctx.base, layer, merged, self.plan.model.family)
-        return {o.name: self._finish(o, OPS[o.op](src, o, src.get(o.source) if o.source else None)) for o in outs}
+    def merge(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The layer's tensors the merge rewrites (none if the LoRAs leave it alone), recording how. Layers
+        computed on several threads take turns here, in layer order: the records keep the merge's order and the
+        kinds' shared cache is used by one layer at a time."""
+        if prefix not in self.touched_layers:
+            return {}
+        return merge_layer(self.ctx, self.plan, prefix, self.records)
 
-    def _finish(self, o: OutTensor, t: torch.Tensor) -> torch.Tensor:
-        want = dtypes.torch_dtype(o.dtype)
-        if t.dtype != want:
-            cast = t.to(want)
-            if t.is_floating_point() and not torch.equal(cast.to(t.dtype), t):
-                self.rounded.append(o.name)  # e.g. an fp32 wtscale: diffusers holds it in the compute dtype
-            t = cast
-        if tuple(t.shape) != o.shape:
-            raise ExportError(f"{o.name}: made {tuple(t.shape)}, declared {o.shape} (a bug or an inconsistent file)")
-        return t.contiguous()
+    def outputs_of(self, prefix: str, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The layer's export tensors, from its merged tensors and the base's (safe to run on several threads)."""
+        src = _Sources(self.ctx.base, self.plan.model.layers[prefix], merged, self.plan.model.family)
+        rounded = self.rounded.setdefault(prefix, [])
+        return {out.name: _finish(out, OPS[out.op](src, out, src.get(out.source) if out.source else None), rounded)
+                for out in self.outputs[prefix]}
+
+
+def _finish(out: OutTensor, tensor: torch.Tensor, rounded: list[str]) -> torch.Tensor:
+    want = dtypes.torch_dtype(out.dtype)
+    if tensor.dtype != want:
+        cast = tensor.to(want)
+        if tensor.is_floating_point() and not torch.equal(cast.to(tensor.dtype), tensor):
+            rounded.append(out.name)  # e.g. an fp32 wtscale: diffusers holds it in the compute dtype
+        tensor = cast
+    if tuple(tensor.shape) != out.shape:
+        raise ExportError(f"{out.name}: made {tuple(tensor.shape)}, declared {out.shape} (a bug or an inconsistent "
+                          "file)")
+    return tensor.contiguous()

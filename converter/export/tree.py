@@ -18,14 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MergeError
-from ..layout import DiffusersPart, Layer, Layout
+from ..layout import AWQ_GROUP, DiffusersPart, Layer, Layout
 from ..naming import natural
 from ..st_writer import OutSpec
 
 DROPPED = frozenset({"smooth_factor_orig"})  # diffusers' SVDQW4A4Linear has no such parameter
 SVDQ_PARTS = frozenset({"qweight", "wscales", "bias", "smooth_factor", "proj_down", "proj_up", "wcscales", "wtscale"})
 AWQ_PARTS = frozenset({"qweight", "wscales", "wzeros", "bias"})
-AWQ_GROUP = 64
 
 
 class ExportError(MergeError):
@@ -42,6 +41,9 @@ class OutTensor(OutSpec):
     op: str = "same"
     rows: tuple[int, int] | None = None  # the diffusers part's rows of the layer's output
     copy: bool = True
+    # bytes [start, stop) of `source` in the base are this tensor (a cut of whole rows the merge leaves alone):
+    # written by a file copy, never read into memory
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -78,7 +80,12 @@ class _Builder:
         shape = tuple(shape if shape is not None else src_shape)
         copy = (op == "same" and info is not None and dtype == info.dtype and shape == info.shape
                 and source not in self.touched)
-        self.out.append(OutTensor(name, dtype, shape, layer.prefix if layer else None, source, op, rows, copy))
+        byte_range = None
+        if op == "qweight_rows" and source not in self.touched and rows[0] % 128 == 0 and rows[1] % 128 == 0:
+            row_bytes = info.nbytes // info.shape[0]  # 128-row tiles are outermost: whole tiles are whole rows
+            byte_range = (rows[0] * row_bytes, rows[1] * row_bytes)
+        self.out.append(OutTensor(name, dtype, shape, layer.prefix if layer else None, source, op, rows, copy,
+                                  byte_range))
 
     def parts_of(self, layer: Layer) -> list[DiffusersPart]:
         parts = self.fam.diffusers_parts(layer)

@@ -76,6 +76,17 @@ class MergeContext:
         torch.set_num_threads(self._threads)
 
 
+def merge_layer(ctx: MergeContext, plan: Plan, prefix: str, records: list[dict]) -> dict[str, torch.Tensor]:
+    """Layer `prefix`'s tensors that the merge rewrites, made by its kind (the same for a merged file and an
+    export); the kind's fidelity record, if any, is appended to `records` as {"layer", "method", ...}."""
+    layer = plan.model.layers[prefix]
+    kind = kind_of(layer)
+    merged, record = kind.apply(ctx, plan, layer, plan.ops.get(prefix))
+    if record is not None:
+        records.append({"layer": prefix, "method": kind.name} | record)
+    return merged
+
+
 class VerifyContext(MergeContext):
     """A merge context that also holds the merged file being checked."""
 
@@ -100,6 +111,8 @@ class LayerKind:
     plot_label: ClassVar[str | None] = None  # `verify --plot` draws a panel of verify_figure per block if set
     plot_limit: ClassVar[float | None] = None  # a tolerance line on that panel
     takes_dense: ClassVar[bool] = True  # takes weight updates that are not low-rank (a dense ΔW)
+    # the parts of its layers whose second dimension is the checkpoint's uniform rank (resized when it changes)
+    rank_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, layouts: tuple[Layout, ...] = (), **kw):
         super().__init_subclass__(**kw)

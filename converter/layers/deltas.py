@@ -52,8 +52,7 @@ def lowrank_factors(op: LayerOp, ck=None) -> Factors | None:
         j = first_column[c.shares_down_with if c.shares_down_with is not None else i]
         if c.shares_down_with is None:
             down[j:j + c.rank] = f.down
-        for s in c.segments:
-            up[s.target_start:s.target_start + s.rows, j:j + c.rank] += f.up[s.lora_start:s.lora_start + s.rows]
+        c.place_onto(up[:, j:j + c.rank], f.up, accumulate=True)
     if op.smoothed:
         col, row = runtime_scales(op, ck)
         if col is not None:

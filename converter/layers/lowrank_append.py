@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..layout import MAX_RANK, Layout
+from ..layout import MAX_RANK, Layout, round16
 from .base import LayerKind, count_layers, keep_freed_memory
 
 if TYPE_CHECKING:
@@ -21,14 +21,11 @@ if TYPE_CHECKING:
 LOWRANK_TOL = 1e-2  # verify: the appended branch is exact up to 16-bit storage
 
 
-def _round16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
 class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     name = "lowrank_append"
     plot_label = "W4A4 low-rank rel. error"
     plot_limit = LOWRANK_TOL
+    rank_parts = ("proj_down", "proj_up")
 
     @classmethod
     def max_exact_rank(cls, layer: Layer, base_rank: int) -> int:
@@ -46,7 +43,7 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
 
     @classmethod
     def touched(cls, layer: Layer, op: LayerOp | None, plan: Plan) -> set[str]:
-        out = {layer.key("proj_down"), layer.key("proj_up")} if op is not None or plan.rank_changed else set()
+        out = {layer.key(part) for part in cls.rank_parts} if op is not None or plan.rank_changed else set()
         return out | ({layer.key("bias")} if op is not None and op.bias_contributions else set())
 
     @classmethod
@@ -164,7 +161,7 @@ def _lowrank_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int)
     from .deltas import lowrank_factors
 
     rank = LowRankAppend.added_rank(op)
-    direct = _direct_parts(op, dtype, _round16(rank)) if rank <= room and not op.smoothed else None
+    direct = _direct_parts(op, dtype, round16(rank)) if rank <= room and not op.smoothed else None
     if direct is not None:  # the common case: no fp32 factors at all
         d_add, u_add, err = direct
         return check_finite(op.layer.prefix, d_add), check_finite(op.layer.prefix, u_add), \
@@ -172,8 +169,8 @@ def _lowrank_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int)
     ideal = lowrank_factors(op, ctx.base)
     f, dropped = truncate(ideal, room) if ideal.rank > room else (ideal, 0.0)
     r = f.rank
-    d_add = torch.zeros(_round16(r), op.layer.in_features, dtype=dtype)
-    u_add = torch.zeros(op.layer.out_features, _round16(r), dtype=dtype)
+    d_add = torch.zeros(round16(r), op.layer.in_features, dtype=dtype)
+    u_add = torch.zeros(op.layer.out_features, round16(r), dtype=dtype)
     d_add[:r].copy_(check_finite(op.layer.prefix, f.down))
     u_add[:, :r].copy_(check_finite(op.layer.prefix, f.up))
     stored = (u_add.float(), d_add.float()) if dropped else (u_add, d_add)
@@ -196,8 +193,8 @@ def _svd_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int):
     base = effective_weight(ctx.base, op.layer, ctx.device) if op.needs_base else None
     dw = check_finite(op.layer.prefix, dense_delta(op, ctx.device, base=base, ck=ctx.base))
     f, captured = svd_truncate(dw, room)
-    d_add = torch.zeros(_round16(room), op.layer.in_features, dtype=dtype)
-    u_add = torch.zeros(op.layer.out_features, _round16(room), dtype=dtype)
+    d_add = torch.zeros(round16(room), op.layer.in_features, dtype=dtype)
+    u_add = torch.zeros(op.layer.out_features, round16(room), dtype=dtype)
     d_add[:f.rank].copy_(check_finite(op.layer.prefix, f.down))
     u_add[:, :f.rank].copy_(check_finite(op.layer.prefix, f.up))
     rec = {"rel_error": dense_error(u_add[:, :f.rank].float(), d_add[:f.rank].float(), dw), "captured": captured,
@@ -241,8 +238,7 @@ def _direct_parts(op: LayerOp, dtype: torch.dtype, used: int):
     j = 0
     for c, (d, u) in zip(low, parts):
         down[j:j + c.rank] = d
-        for sg in c.segments:
-            up[sg.target_start:sg.target_start + sg.rows, j:j + c.rank] = u[sg.lora_start:sg.lora_start + sg.rows]
+        c.place_onto(up[:, j:j + c.rank], u)
         j += c.rank
     return down, up, _direct_error(down, up, low)
 

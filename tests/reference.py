@@ -1,5 +1,5 @@
 """CPU reference forwards built from the packed tensors with our codecs (the maths of docs/format.md §5 and
-§8). Used by `verify` and the tests; slow but obviously right.
+§8). Used by the tests only; slow but obviously right.
 
 SVDQ W4A4:  y = ((x ⊘ s)·Ŵᵀ) ⊙ wcscales + bias + (x·Dᵀ)·Uᵀ
             Ŵ[n,k] = q[n,k]·wscales[n,k//64] (int4) or e2m1(q)·fp8(wscales[n,k//16])·wtscale (nvfp4)
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .codecs import layer_codec
-from .codecs.lowrank import LowRankDown, LowRankUp
-from .codecs.svdq_scales import PackedVector
-from .layout import Layout
+from converter.codecs import layer_codec
+from converter.codecs.lowrank import LowRankDown, LowRankUp
+from converter.codecs.svdq_scales import PackedVector
+from converter.layout import Layout
 
 
 def svdq_main_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""The export computes layers on a worker thread ahead of the writer: in order, bounded, errors raised where
+the writer takes the layer, and a close that stops the worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from converter.export.prefetch import LayerPrefetch
+
+
+def test_layers_come_in_order_and_at_most_ahead():
+    computed: list[str] = []
+
+    def compute(prefix: str, in_order) -> dict:
+        computed.append(prefix)
+        return {prefix + ".w": len(computed)}
+
+    order = [f"l{i}" for i in range(6)]
+    feed = LayerPrefetch(order, compute, ahead=2, workers=1)
+    try:
+        for _ in range(100):  # the worker stops after two layers nobody took
+            if len(computed) == 2:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert computed == ["l0", "l1"]
+        assert [feed.take(p) for p in order] == [{f"l{i}.w": i + 1} for i in range(6)]
+        assert computed == order
+    finally:
+        feed.close()
+
+
+def test_an_error_is_raised_by_the_take_of_its_layer():
+    def compute(prefix: str, in_order) -> dict:
+        if prefix == "bad":
+            raise KeyboardInterrupt
+        return {prefix: 1}
+
+    feed = LayerPrefetch(["a", "bad", "c"], compute)
+    try:
+        assert feed.take("a") == {"a": 1}
+        with pytest.raises(KeyboardInterrupt):
+            feed.take("bad")
+    finally:
+        feed.close()
+
+
+def test_out_of_order_take_is_refused_and_close_stops_the_worker():
+    started = threading.Event()
+    release = threading.Event()
+    computed: list[str] = []
+
+    def compute(prefix: str, in_order) -> dict:
+        started.set()
+        release.wait(5)
+        computed.append(prefix)
+        return {}
+
+    feed = LayerPrefetch(["a", "b", "c", "d"], compute, ahead=1, workers=1)
+    assert started.wait(5)
+    with pytest.raises(RuntimeError, match="b taken out of order"):
+        feed.take("b")
+    release.set()
+    feed.close()  # waits for the layer under way, computes no further
+    assert not any(worker.is_alive() for worker in feed._workers)
+    assert computed == ["a"]
+
+
+@pytest.mark.parametrize("failing", [None, "l3"])
+def test_in_order_sections_take_turns_across_workers(failing):
+    """Two workers, layers of uneven cost: the in-order sections run one at a time in layer order (also past a
+    layer that fails before reaching its section), the rest overlaps, and every result reaches its layer."""
+    inside: list[str] = []
+    busy = threading.Lock()
+
+    def compute(prefix: str, in_order) -> dict:
+        index = int(prefix[1:])
+        if prefix == failing:
+            raise ValueError(prefix)
+        time.sleep(0.002 * (index % 3))  # before the section: later layers may get there first
+        with in_order():
+            assert busy.acquire(blocking=False), "two in-order sections at once"
+            inside.append(prefix)
+            time.sleep(0.001)
+            busy.release()
+        time.sleep(0.002 * ((index + 1) % 2))
+        return {prefix: index}
+
+    order = [f"l{i}" for i in range(12)]
+    feed = LayerPrefetch(order, compute, ahead=4, workers=2)
+    try:
+        for index, prefix in enumerate(order):
+            if prefix == failing:
+                with pytest.raises(ValueError, match=prefix):
+                    feed.take(prefix)
+            else:
+                assert feed.take(prefix) == {prefix: index}
+    finally:
+        feed.close()
+    assert inside == [p for p in order if p != failing]
