@@ -13,7 +13,7 @@ def main() -> None:
 
         cli_main(prog_name="qwenlora-merge")
     finally:
-        interrupts.block_at_exit()
+        interrupts.ignore_at_exit()
 
 
 if __name__ == "__main__":

@@ -62,11 +62,13 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def block_at_exit() -> None:
-    """The process is done (its exit code is decided): block the signals, so that one arriving while the
-    interpreter shuts down (which puts the default actions back) cannot kill a finished run with a signal status."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, _signals())
+def ignore_at_exit() -> None:
+    """The process is done (its exit code is decided): ignore the signals from now on. The interpreter's shutdown
+    puts the default action back for every signal that has a Python handler, and a signal then (delivered to any
+    thread still alive, so blocking it in the main thread alone would not do) would kill a finished run with a
+    signal status; an ignored signal is left ignored."""
+    for sig in _signals():
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextmanager

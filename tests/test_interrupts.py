@@ -52,8 +52,15 @@ def test_handler_imports_nothing():
 
 
 def test_finished_run_is_not_killed_at_shutdown():
-    """After the exit code is decided the signals are blocked: one arriving during interpreter shutdown (which puts
-    the default actions back) cannot turn a finished run into a death by signal."""
-    r = _child("import os, signal\nfrom converter import interrupts\ninterrupts.install()\n"
-               "interrupts.block_at_exit()\nos.kill(os.getpid(), signal.SIGTERM)\nraise SystemExit(0)\n")
+    """After the exit code is decided the signals are ignored process-wide: one arriving during interpreter shutdown
+    (which puts the default actions back for signals with a Python handler), delivered to whichever thread is still
+    alive, cannot turn a finished run into a death by signal."""
+    r = _child("import os, signal, threading, time, atexit\nfrom converter import interrupts\ninterrupts.install()\n"
+               "def late():\n    time.sleep(0.2)\n    for _ in range(50):\n"
+               "        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.005)\n"
+               "threading.Thread(target=late, daemon=True).start()\n"
+               "atexit.register(time.sleep, 0.6)\n"
+               "interrupts.ignore_at_exit()\n"
+               "assert all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM, "
+               "signal.SIGHUP))\nraise SystemExit(0)\n")
     assert r.returncode == 0, (r.returncode, r.stderr)
