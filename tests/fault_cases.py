@@ -819,7 +819,7 @@ def _finished_run_ok(o: Outcome) -> bool:
     """A signal after the merge published its output: the output complete and no temp file left, and either one error
     line saying the output is complete (exit 128+n), or none at all (exit 0: it came once the exit code was decided,
     when the signals are blocked)."""
-    said_written = len(o.error_lines) == 1 and re.search(r"written", o.error_lines[0]) is not None
+    said_written = len(o.error_lines) == 1 and re.search(r"written|complete", o.error_lines[0]) is not None
     return bool(o.output_valid) and not o.temps and (said_written or (o.rc == 0 and not o.error_lines))
 
 
