@@ -157,11 +157,8 @@ def batch(base: str | os.PathLike, outputs: Iterable[tuple[str | os.PathLike | N
     """
     base = os.fspath(base)
     entries = [(os.fspath(out) if out is not None else None, _specs(loras)) for out, loras in outputs]
-    if not dry_run:
-        _preload_torch()
     with _file_errors():
-        _check_device(device)
-        opts = _engine_options(mod, allow_unmapped, device, max_rank, svd_rank, progress)
+        opts = _engine_options(mod, allow_unmapped, device, max_rank, svd_rank, progress, dry_run)
         return _run_outputs(base, entries, opts, dry_run=dry_run, overwrite=overwrite)
 
 
@@ -227,11 +224,8 @@ def export_diffusers(base: str | os.PathLike, loras: Iterable[Lora], out_dir: st
             complete or not at all.
     """
     specs = _specs(loras)
-    if not dry_run:
-        _preload_torch()
     with _file_errors():
-        _check_device(device)
-        opts = _engine_options(mod, allow_unmapped, device, max_rank, svd_rank, progress)
+        opts = _engine_options(mod, allow_unmapped, device, max_rank, svd_rank, progress, dry_run)
         return Report(_export(os.fspath(base), specs, opts, os.fspath(out_dir), max_shard_size, overwrite, dry_run))
 
 
@@ -343,8 +337,13 @@ def _preload_torch() -> None:
 
 # -- the seam: the only calls into the streaming engine (converter.pipeline) and the export (converter.export) ----
 def _engine_options(mod: str, allow_unmapped: bool, device: str, max_rank: int | None, svd_rank: int,
-                    progress: Progress | None):
+                    progress: Progress | None, dry_run: bool):
+    """The engine's options, once the device is known to work; a run that will write starts importing torch."""
     from .pipeline import Options
+
+    if not dry_run:
+        _preload_torch()
+    _check_device(device)
 
     return Options(modulation=mod, allow_unmapped=allow_unmapped, device=device, max_rank=max_rank,
                    svd_rank=svd_rank, progress=progress)

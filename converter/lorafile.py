@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from . import adapters
 from .errors import MergeError, UnsupportedFormat
-# parse_spec is imported from here by the tests
-from .lorapaths import LoraSpec, is_checkpoint, lora_path, parse_spec, refuse_checkpoint_as_lora  # noqa: F401
+from .lorapaths import LoraSpec, is_checkpoint, lora_path, refuse_checkpoint_as_lora
 from .st_reader import Checkpoint
 
 # prefixes stripped (repeatedly, in this order); the last group marks kohya-style underscore names

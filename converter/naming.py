@@ -15,6 +15,11 @@ def natural(s: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s))
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 layer', '3 layers': a count with its noun in the right number (nouns that take an 's')."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

@@ -13,7 +13,7 @@ from .errors import MergeError
 from .layers import MergeContext, merge_layer
 from .lorafile import LoraFile, LoraSpec, open_lora
 from .model import Model, load_model
-from .naming import natural
+from .naming import counted, natural
 from .planner import SVD_RANK, Plan, build_plan, updated_metadata
 from .st_reader import Checkpoint
 from .st_writer import OutSpec, StreamingWriter, header_bytes
@@ -157,17 +157,10 @@ def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> N
 # -- the device -------------------------------------------------------------------------------------------------
 def heavy_layers(plans: list[Plan]) -> list[str]:
     """What in the plans is heavy per-layer maths (a GPU pays off): modulation requantization, dense updates."""
-    ops = [op for p in plans for op in p.ops.values()]
-    found = []
-    if any(op.kind.name == "modulation" for op in ops):
-        found.append(_count(sum(op.kind.name == 'modulation' for op in ops), 'modulation layer'))
-    if any(op.has_dense and op.kind.name != "modulation" for op in ops):
-        found.append(_count(sum(op.has_dense and op.kind.name != 'modulation' for op in ops), 'dense update'))
-    return found
-
-
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"
+    ops = [op for merge_plan in plans for op in merge_plan.ops.values()]
+    modulation = sum(op.kind.name == "modulation" for op in ops)
+    dense = sum(op.has_dense and op.kind.name != "modulation" for op in ops)
+    return [counted(n, noun) for n, noun in ((modulation, "modulation layer"), (dense, "dense update")) if n]
 
 
 def pick_device(requested: str, plans: list[Plan], cuda_usable: Callable[[], bool] | None = None) -> tuple[str, str]:

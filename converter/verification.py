@@ -43,14 +43,20 @@ def _tensor_problems(base: Checkpoint, merged: Checkpoint) -> list[str]:
         probs.append(f"{len(miss)} keys missing (e.g. {miss[0]})")
     if extra:
         probs.append(f"{len(extra)} unexpected keys (e.g. {extra[0]})")
+    rank_parts = _rank_parts()
     for k in sorted(bk & mk):
         a, b = base.tensors[k], merged.tensors[k]
         if a.dtype != b.dtype:
             probs.append(f"{k}: dtype {b.dtype}, base has {a.dtype}")
-        lowrank = k.rpartition(".")[2] in ("proj_down", "proj_up")
+        lowrank = k.rpartition(".")[2] in rank_parts
         if (a.shape[0] != b.shape[0]) if lowrank else (a.shape != b.shape):
             probs.append(f"{k}: shape {b.shape}, base {a.shape}")
     return probs
+
+
+def _rank_parts() -> set[str]:
+    """The tensors whose second axis is a layer's rank, as the layer kinds name them (proj_down, proj_up)."""
+    return {part for kind in BY_NAME.values() for part in kind.rank_parts}
 
 
 def _json_object(raw: str | None) -> dict | None:
@@ -68,7 +74,7 @@ def _rank_problems(base: Checkpoint, merged: Checkpoint) -> list[str]:
     if qc is None:
         return ["metadata quantization_config is missing or not a JSON object"]
     probs = []
-    rank_parts = {part for kind in BY_NAME.values() for part in kind.rank_parts}
+    rank_parts = _rank_parts()
     ranks = {merged.tensors[k].shape[1] for k in merged.keys() if k.rpartition(".")[2] in rank_parts}
     meta_rank = qc.get("rank", 32)
     if len(ranks) > 1:

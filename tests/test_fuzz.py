@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-import hypothesis.configuration  # noqa: E402,F811 - the submodule, after importorskip
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -36,7 +35,8 @@ from lora_builders import FORMATS, lora_keys  # noqa: E402
 # .adapters) .ignored .unsupported; Adapter .rank .shape .scale .title; Model .rank
 from converter.batchfile import read_batch_file  # noqa: E402
 from converter.errors import MergeError  # noqa: E402
-from converter.lorafile import LoraSpec, open_lora, parse_spec  # noqa: E402
+from converter.lorafile import LoraSpec, open_lora  # noqa: E402
+from converter.lorapaths import parse_spec  # noqa: E402
 from converter.model import load_model  # noqa: E402
 from converter.st_reader import Checkpoint  # noqa: E402
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, ClassVar, Iterator
 
 from ..layout import Layer, Layout
+from ..naming import counted
 
 if TYPE_CHECKING:
     import torch
@@ -199,7 +200,7 @@ class LayerKind:
 
 def count_layers(count: int) -> str:
     """The one unit merge and verify count in: layers, as the plan counts them."""
-    return f"{count} layer" if count == 1 else f"{count} layers"
+    return counted(count, "layer")
 
 
 def kind_of(layer: Layer) -> type[LayerKind]:
