@@ -273,10 +273,10 @@ def test_awq_column_read_and_write_in_packed_space(o, i):
     codes = torch.randint(0, 16, (o, i), generator=g, dtype=torch.uint8)
     packed = AwqQWeight.pack(codes)
     for idx in (torch.randperm(i, generator=g)[: max(1, i // 6)], torch.arange(64), torch.tensor([i - 1, 0, 8])):
-        assert torch.equal(qweight_columns(packed, idx), codes[:, idx])
-        new = torch.randint(0, 16, (o, idx.numel()), generator=g, dtype=torch.uint8)
+        assert torch.equal(qweight_columns(packed, idx), codes[:, idx].T)  # a column per row
+        new = torch.randint(0, 16, (idx.numel(), o), generator=g, dtype=torch.uint8)
         want = codes.clone()
-        want[:, idx] = new
+        want[:, idx] = new.T
         got = replace_qweight_columns(packed, idx, new)
         assert torch.equal(got, AwqQWeight.pack(want)) and torch.equal(packed, AwqQWeight.pack(codes))
 

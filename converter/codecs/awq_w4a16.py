@@ -52,17 +52,20 @@ def _column_bytes(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The codes of input columns `idx` (m,) of a packed qweight, uint8 (O, m), without unpacking the others."""
+    """The codes of input columns `idx` (m,) of a packed qweight, uint8 (m, O) (a column per row: the layout
+    the modulation merge works in), without unpacking the others."""
     o4 = qweight.shape[0]
     where, high = _column_bytes(idx.to(qweight.device))
-    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)].view(o4, 4, -1)
-    return torch.where(high.bool(), picked >> 4, picked & 0xF).reshape(o4 * 4, -1)
+    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)].view(o4, 4, -1).permute(2, 0, 1)
+    out = torch.empty(idx.numel(), o4, 4, dtype=torch.uint8, device=qweight.device)
+    torch.bitwise_right_shift(picked, (4 * high).to(torch.uint8).view(-1, 1, 1), out=out)
+    return out.bitwise_and_(0xF).view(idx.numel(), o4 * 4)
 
 
 def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """A copy of a packed qweight whose input columns `idx` (m,) hold `codes` (O, m) 0..15; every other nibble
-    is copied as it is. Only the bytes that hold a column of `idx` are split into their two nibbles; each
-    (row, column) has its own nibble slot, so one indexed write places them all."""
+    """A copy of a packed qweight whose input columns `idx` (m,) hold `codes` (m, O) 0..15 (a column per row);
+    every other nibble is copied as it is. Only the bytes that hold a column of `idx` are split into their two
+    nibbles; each (row, column) has its own nibble slot, so one indexed write places them all."""
     o4 = qweight.shape[0]
     where, high = _column_bytes(idx.to(qweight.device))
     uniq, inverse = torch.unique(where.reshape(-1), return_inverse=True)
@@ -70,7 +73,7 @@ def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: tor
     out_bytes = out.view(torch.uint8)
     old = out_bytes[:, uniq]
     nibbles = torch.stack([old & 0xF, old >> 4])  # (2, O/4, bytes)
-    new = codes.to(torch.uint8).view(o4, 4, -1).permute(1, 2, 0).reshape(-1, o4)  # ((r, column), O/4)
+    new = codes.to(torch.uint8).view(-1, o4, 4).permute(2, 0, 1).reshape(-1, o4)  # ((r, column), O/4)
     nibbles[high.expand(4, -1).reshape(-1), :, inverse] = new
     out_bytes[:, uniq] = nibbles[0] | (nibbles[1] << 4)
     return out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,21 +18,34 @@ DEFAULT_TAIL = 512
 DEFAULT_DAMP = 3e-3
 
 
+_THREADS_LOCK = threading.Lock()
+_THREAD_LIMITS: list[int] = []  # the limits of every cpu_threads block now open, in any thread
+_THREADS_OUTSIDE = [0]  # torch's setting when the first of them opened
+
+
 @contextmanager
 def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
-    """Run torch CPU ops on at most n threads inside the block (restored afterwards).
+    """Run torch CPU ops on at most n threads inside the block (restored when the last open block ends).
 
     Short vector ops lose more to a parallel region than they gain, and far more when the cores are shared.
+    torch's setting is process-wide, so blocks open in several threads at once (row chunks of a layer) share
+    it: the smallest limit of the open blocks holds until the last one ends.
     """
-    old = torch.get_num_threads()
-    if device.type != "cpu" or old <= n:
+    if device.type != "cpu":
         yield
         return
-    torch.set_num_threads(n)
+    with _THREADS_LOCK:
+        if not _THREAD_LIMITS:
+            _THREADS_OUTSIDE[0] = torch.get_num_threads()
+        _THREAD_LIMITS.append(n)
+        torch.set_num_threads(max(1, min(min(_THREAD_LIMITS), _THREADS_OUTSIDE[0])))
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        with _THREADS_LOCK:
+            _THREAD_LIMITS.remove(n)
+            limit = min(_THREAD_LIMITS, default=_THREADS_OUTSIDE[0])
+            torch.set_num_threads(max(1, min(limit, _THREADS_OUTSIDE[0])))
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -210,27 +224,31 @@ def sequential_round(
     s_t: torch.Tensor,
     z_t: torch.Tensor,
     z_g: torch.Tensor,
-    block: int = 32,
+    block: int = 16,
+    s_div: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-style rounding of the free variables, vectorized over rows (layout: variables x rows).
 
     targets (N', O): continuous targets in value space, canonical order [bias; tail weights; zero shifts].
     perm (N',): rounding order (canonical indices); u: the matching update rows. s_t, z_t (m, O): scale and zero
-    of each tail weight. z_g (ng, O): base zeros. Returns (bias (O,), codes (m, O) float, new zeros (ng, O),
-    Σ e² per row (O,)). Each variable is rounded to its own grid (bias: bf16; weight: code 0..15 on its group's
-    grid; zero: bf16) and its rounding error is pushed onto the variables not yet rounded. With e the scaled
-    errors, the rounded values are targets - Uᵀe, so the rounding's cost in the damped metric H (inv(H) = UᵀU)
-    is Σ e² per row: returned, so that scoring it needs no (N' x N') x (N' x O) product.
+    of each tail weight; s_div: the same with every zero scale replaced by 1 (to divide by; None: s_t has no
+    zero, a zero scale makes any code give the same value). z_g (ng, O): base zeros. Returns
+    (bias (O,), codes (m, O) float, new zeros (ng, O), Σ e² per row (O,)). Each variable is rounded to its own
+    grid (bias: bf16; weight: code 0..15 on its group's grid; zero: bf16) and its rounding error is pushed onto
+    the variables not yet rounded. With e the scaled errors, the rounded values are targets - Uᵀe, so the
+    rounding's cost in the damped metric H (inv(H) = UᵀU) is Σ e² per row: returned, so that scoring it needs
+    no (N' x N') x (N' x O) product. The work is in place on a permuted copy of `targets`; `targets` is kept.
     """
     work = targets.index_select(0, perm)
     nvar, o = work.shape
     m = s_t.shape[0]
-    s_safe = torch.where(s_t > 0, s_t, torch.ones_like(s_t))
     codes = torch.empty(m, o, dtype=work.dtype, device=work.device)
     new_zeros = torch.empty_like(z_g)
     bias = torch.empty(o, dtype=work.dtype, device=work.device)
     sum_e2 = torch.zeros(o, dtype=work.dtype, device=work.device)
-    udiag = u.diagonal().tolist()
+    udiag = u.diagonal().clone()
+    s_div = s_t if s_div is None else s_div
+    u_rel = u / udiag[:, None]  # the raw error r = t - v moves later targets by u_ij / u_ii · r
     order = perm.tolist()
     for i1 in range(0, nvar, block):
         i2 = min(i1 + block, nvar)
@@ -238,26 +256,35 @@ def sequential_round(
         # column steps are short vector ops: one thread; the block update below is a GEMM: all threads
         with cpu_threads(1, work.device):
             for i in range(i1, i2):
-                t = work[i]
-                c = order[i]
-                if c == 0:
-                    v = bf16(t)
-                    bias.copy_(v)
-                elif c <= m:
-                    j = c - 1
-                    q = torch.sub(t, z_t[j]).div_(s_safe[j]).round_().clamp_(0, 15)
-                    codes[j] = q
-                    v = q.mul_(s_t[j]).add_(z_t[j])
-                else:
-                    g = c - m - 1
-                    zn = bf16(t + z_g[g])
-                    new_zeros[g] = zn
-                    v = zn - z_g[g]
-                e = errs[i - i1]
-                torch.sub(t, v, out=e).div_(udiag[i])
+                _round_one(work[i], order[i], m, errs[i - i1], bias, codes, new_zeros, (s_t, s_div, z_t), z_g)
                 if i + 1 < i2:
-                    work[i + 1 : i2].addr_(u[i, i + 1 : i2], e, alpha=-1.0)
+                    work[i + 1 : i2].addr_(u_rel[i, i + 1 : i2], errs[i - i1], alpha=-1.0)
+        errs.div_(udiag[i1:i2, None])
         sum_e2.add_(errs.square().sum(0))
         if i2 < nvar:
             work[i2:].addmm_(u[i1:i2, i2:].T, errs, alpha=-1.0)
     return bias, codes, new_zeros, sum_e2
+
+
+def _round_one(t: torch.Tensor, c: int, m: int, r: torch.Tensor, bias: torch.Tensor, codes: torch.Tensor,
+               new_zeros: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor], z_g: torch.Tensor) -> None:
+    """Round free variable `c` (canonical index) whose targets over the rows are t: its value goes to bias,
+    codes or new_zeros, the raw error t - value to r; grid: the tail weights' (scales, scales to divide by, zeros). Few ops, each writing into its destination: this runs
+    561 times in a row per full-size layer."""
+    if c == 0:
+        torch.sub(t, bf16(t), out=r)
+        torch.sub(t, r, out=bias)
+    elif c <= m:
+        j = c - 1
+        s_t, s_div, z_t = grid
+        q = codes[j]
+        torch.sub(t, z_t[j], out=q).div_(s_div[j]).round_().clamp_(0, 15)
+        torch.addcmul(z_t[j], q, s_t[j], out=r)
+        torch.sub(t, r, out=r)
+    else:
+        g = c - m - 1
+        zn = new_zeros[g]
+        torch.add(t, z_g[g], out=zn)
+        zn.copy_(zn.to(torch.bfloat16))
+        torch.sub(zn, z_g[g], out=r)
+        torch.sub(t, r, out=r)

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal, Union
 
 import torch
@@ -16,7 +17,7 @@ from ..codecs import group_dequantize
 from ..codecs.awq_w4a16 import GROUP, AwqQWeight, qweight_columns, replace_qweight_columns
 from ..layout import MODULATION_MODES
 from .calibration import (DEFAULT_DAMP, DEFAULT_TAIL, ModulationCalibration, bf16, check_bf16_exact, cpu_threads,
-                          same_device)
+                          same_device, sequential_round, ulp_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ def e_mod(err: torch.Tensor, signal: torch.Tensor) -> float:
     err = Y_new - Y_ideal and signal = Y_ideal - Y_base, both evaluated on the same held-out inputs (any layout,
     e.g. (O, n)). Skipping the LoRA gives err = -signal, i.e. exactly 1.0.
     """
-    num, den = _sumsq(err), _sumsq(signal)
+    return _ratio(_sumsq(err), _sumsq(signal))
+
+
+def _ratio(num: float, den: float) -> float:
+    """sqrt(num / den) for sums of squares, 0 / 0 = 0."""
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return math.sqrt(num / den)
@@ -63,6 +68,14 @@ class _Delta:
                 raise ValueError(f"delta_w must be {(o, i)}, got {tuple(delta_w.shape)}")
             self.dense = delta_w.to(device=device, dtype=torch.float32)
             self.up = self.down = None
+
+    def row_slice(self, r0: int, r1: int) -> _Delta:
+        """The rows r0:r1 of dW (views, nothing copied)."""
+        part = object.__new__(_Delta)
+        part.dense = None if self.dense is None else self.dense[r0:r1]
+        part.up = None if self.up is None else self.up[r0:r1]
+        part.down = self.down
+        return part
 
     def times_xt(self, x: torch.Tensor) -> torch.Tensor:  # dW @ x.T : (O, n)
         if self.dense is not None:
@@ -109,11 +122,22 @@ class LayerProblem:
     calib: ModulationCalibration | None
     xbar: torch.Tensor  # (I,) mean input over the calibration sigmas
     group: int
+    signal: torch.Tensor | None = None  # computed when not given
 
     def __post_init__(self) -> None:
         self.bstar = self.b0 + self.db
-        self.signal = self.delta.times_xt(self.xe)
-        self.signal += self.db[:, None]
+        if self.signal is None:
+            self.signal = self.delta.times_xt(self.xe)
+            self.signal += self.db[:, None]
+
+    def rows(self, r0: int, r1: int) -> LayerProblem:
+        """The same problem restricted to output rows r0:r1 (r0 a multiple of 4: packed rows come in fours)."""
+        if (r0, r1) == (0, self.shape[0]):
+            return self
+        return LayerProblem(None if self.codes is None else self.codes[r0:r1],
+                            None if self.packed is None else self.packed[r0 // 4: (r1 + 3) // 4],
+                            self.s[r0:r1], self.z[r0:r1], self.b0[r0:r1], self.db[r0:r1], self.delta.row_slice(r0, r1),
+                            self.xe, self.calib, self.xbar, self.group, self.signal[r0:r1])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,8 +148,17 @@ class LayerProblem:
         return self.s.shape[1]
 
     def columns(self, idx: torch.Tensor) -> torch.Tensor:
-        """Base codes of input columns idx, uint8 (O, m)."""
-        return self.codes[:, idx] if self.packed is None else qweight_columns(self.packed, idx)
+        """Base codes of input columns idx, uint8 (m, O): a column per row."""
+        return self.codes[:, idx].T.contiguous() if self.packed is None else qweight_columns(self.packed, idx)
+
+    def with_columns(self, idx: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Every code, in the form they came in (packed qweight or (O, I) uint8), with input columns idx set to
+        cols (m, O) uint8."""
+        if self.packed is not None:
+            return replace_qweight_columns(self.packed, idx, cols)
+        codes = self.codes.clone()
+        codes[:, idx] = cols.T
+        return codes
 
     def all_codes(self) -> torch.Tensor:
         """Every base code, uint8 (O, I) (unpacked on demand: only plain requantization needs them)."""
@@ -201,12 +234,12 @@ class Candidate:
 
     name: str
     e_mod: float
-    codes: torch.Tensor | None = None  # every code (O, I); None: the base codes, or `tail_codes` over them
+    codes: torch.Tensor | None = None  # every code (O, I); None: the base codes, or `written_codes`
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     codes_changed: int | None = None  # how many codes differ from the base, when known
-    tail_codes: tuple[torch.Tensor, torch.Tensor] | None = None  # (columns (m,), their new codes (O, m))
+    written_codes: torch.Tensor | None = None  # every code as it will be written, in the form it came in
     notes: list[str] = field(default_factory=list)
 
 
@@ -267,14 +300,29 @@ class _Tail:
     z: torch.Tensor  # (m, O) zero of each tail weight
     dw: torch.Tensor  # (m, O) ΔW on the tail columns
     comp: torch.Tensor  # (N', O) continuous optimum shift given -ΔW on the kept columns
+    s_div: torch.Tensor | None  # `s` with its zero scales replaced by 1 (None: no zero scale)
 
 
 def _tail(p: LayerProblem) -> _Tail:
     idx = p.calib.tail
     gidx = idx // p.group
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
-    return _Tail(idx, p.columns(idx).T.contiguous().float(), s_g, z_g, s_g[gidx], z_g[gidx],
-                 p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp))
+    s_t = s_g[gidx]
+    s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if bool((s_g <= 0).any()) else None
+    return _Tail(idx, p.columns(idx).float(), s_g, z_g, s_t, z_g[gidx],
+                 p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp), s_div)
+
+
+RoundingPlan = tuple[torch.Tensor, torch.Tensor]  # (rounding order, update rows): see ModulationCalibration
+
+
+def _rounding_plan(p: LayerProblem) -> RoundingPlan:
+    """The rounding order of the whole layer: from each free variable's grid step, the RMS over all its rows
+    (a tail weight's step is its group's scale, picked per column), so every row chunk rounds in one order."""
+    s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
+    steps = torch.cat([ulp_bf16(p.bstar).square().mean().sqrt()[None],
+                       s_g.square().mean(1).sqrt()[p.calib.tail // p.group], ulp_bf16(z_g).square().mean(1).sqrt()])
+    return p.calib.rounding_plan(steps)
 
 
 @dataclass(eq=False)
@@ -290,10 +338,8 @@ class _Rounded:
     cost: torch.Tensor
 
 
-def _round_tail(p: LayerProblem, t: _Tail) -> _Rounded:
-    """Sequential rounding of the free variables."""
-    from .calibration import sequential_round, ulp_bf16
-
+def _round_tail(p: LayerProblem, t: _Tail, plan: RoundingPlan) -> _Rounded:
+    """Sequential rounding of the free variables, in the layer's rounding order."""
     m, o = t.q0.shape
     targets = torch.empty(1 + m + p.n_groups, o, dtype=torch.float32, device=t.q0.device)
     targets[0] = p.bstar
@@ -301,12 +347,8 @@ def _round_tail(p: LayerProblem, t: _Tail) -> _Rounded:
     targets[1: 1 + m] += t.dw
     targets[1 + m:] = 0.0
     targets += t.comp
-    # a tail weight's step is its group's scale: the RMS over rows is taken per group, then picked per column
-    steps = torch.cat([ulp_bf16(p.bstar).square().mean().sqrt()[None],
-                       t.s_g.square().mean(1).sqrt()[t.idx // p.group], ulp_bf16(t.z_g).square().mean(1).sqrt()])
-    perm, u = p.calib.rounding_plan(steps)
-    b_round, q_new, z_new, cost = sequential_round(targets, perm, u, t.s, t.z, t.z_g)
-    if bool((t.s <= 0).any()):  # a zero scale makes the code irrelevant (same value): keep the base code
+    b_round, q_new, z_new, cost = sequential_round(targets, *plan, t.s, t.z, t.z_g, s_div=t.s_div)
+    if t.s_div is not None:  # a zero scale makes the code irrelevant (same value): keep the base code
         q_new = torch.where(t.s > 0, q_new, t.q0)
     moved = targets.neg_()
     moved[0] += b_round
@@ -359,33 +401,81 @@ def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, 
     return quad_delta + 2 * cross + quad_phi
 
 
-def calibrated(p: LayerProblem, fold: Candidate) -> Candidate:
-    """Error-compensating sequential rounding in the metric of the calibration inputs (see the package doc),
-    kept per row only where it beats the bias fold `fold`."""
+@dataclass(eq=False)
+class _RowsPart:
+    """The calibrated candidate on a chunk of rows."""
+
+    written_codes: torch.Tensor  # the chunk's codes as written (packed rows, or (rows, I) uint8)
+    zeros: torch.Tensor  # (rows, ng)
+    bias: torch.Tensor  # (rows,)
+    err_sumsq: float  # Σ err² over these rows and the held-out sigmas
+    codes_changed: int
+    rows_kept: int  # rows that kept their base codes (the bias fold was better there)
+
+
+def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future) -> _RowsPart:
+    """The calibrated candidate on the rows of `p` (rows are independent once the rounding order is fixed;
+    `plan` may still be under way while this chunk reads its columns)."""
     t = _tail(p)
-    rounded = _round_tail(p, t)
-    q_new, z_new_t = rounded.codes, rounded.zeros
-    d_tail = (q_new - t.q0).mul_(t.s)  # what changed: the tail weights, and every weight of a group via its zero
-    dz_t = z_new_t - t.z_g
+    rounded = _round_tail(p, t, plan.result())
+    dq = rounded.codes.sub_(t.q0)  # code changes (m, O), in place: the new codes are q0 + dq
+    d_tail = dq * t.s  # what changed: the tail weights, and every weight of a group via its zero
+    dz_t = rounded.zeros - t.z_g
     xbar_g = p.xbar.view(p.n_groups, p.group).sum(-1)
     # re-fit the bias: nearest bf16 to its calibration optimum given the new weights
     e_bar = d_tail.T @ p.xbar[t.idx] + dz_t.T @ xbar_g - p.delta.matvec(p.xbar)
     b_new = bf16(p.bstar - e_bar)
-    keep_row = _rows_to_keep(p, t, torch.cat([(b_new - fold.bias)[None], d_tail, dz_t], dim=0), fold.bias,
+    keep_row = _rows_to_keep(p, t, torch.cat([(b_new - fold_bias)[None], d_tail, dz_t], dim=0), fold_bias,
                              rounded, b_new)
-    q_new = torch.where(keep_row[None], q_new, t.q0)
-    d_tail.mul_(keep_row[None])
-    z_new = torch.where(keep_row[None], z_new_t, t.z_g).T.contiguous()
-    b_new = torch.where(keep_row, b_new, fold.bias)
-    notes = [] if bool(keep_row.all()) else \
-        [f"{int((~keep_row).sum())} of {keep_row.numel()} rows kept their codes (bias fold was better there)"]
+    keep = keep_row.to(dq.dtype)[None]  # a product, not torch.where: where is several times slower here
+    dq.mul_(keep)
+    d_tail.mul_(keep)
+    z_new = torch.where(keep_row[None], rounded.zeros, t.z_g).T.contiguous()
+    b_new = torch.where(keep_row, b_new, fold_bias)
     err = d_tail.T @ p.xe[:, t.idx].T
     err += (z_new - p.z) @ p.xe.view(-1, p.n_groups, p.group).sum(-1).T
     err += (b_new - p.b0)[:, None]
     err -= p.signal
-    return Candidate("calibrated", e_mod(err, p.signal), None, p.s, z_new, b_new,
-                     codes_changed=int(torch.count_nonzero(q_new != t.q0)), notes=notes,
-                     tail_codes=(t.idx, q_new.T.to(torch.uint8)))
+    changed = int(torch.count_nonzero(dq))
+    return _RowsPart(p.with_columns(t.idx, dq.add_(t.q0).to(torch.uint8)), z_new, b_new, _sumsq(err), changed,
+                     int((~keep_row).sum()))
+
+
+_CHUNK_BYTES = 192 << 20  # fp32 working memory of one row chunk of the calibrated candidate
+
+
+def _row_chunks(p: LayerProblem, workers: int) -> list[tuple[int, int]]:
+    """Row ranges that bound the calibrated candidate's working memory (about a dozen (N' x rows) fp32 arrays)
+    and give each worker at least one; boundaries on multiples of 4 (packed rows come in fours)."""
+    o = p.shape[0]
+    per_row = 4 * (12 * (1 + p.calib.tail.numel() + p.n_groups) + 2 * p.xe.shape[0])
+    n = workers if p.s.device.type != "cpu" else workers * math.ceil(o * per_row / (_CHUNK_BYTES * workers))
+    rows = 4 * math.ceil(o / (4 * n))
+    return [(r0, min(r0 + rows, o)) for r0 in range(0, o, rows)]
+
+
+def calibrated(p: LayerProblem, fold: Candidate, workers: int = 1) -> Candidate:
+    """Error-compensating sequential rounding in the metric of the calibration inputs (see the package doc),
+    kept per row only where it beats the bias fold `fold`. The rows are computed in chunks (bounded memory),
+    `workers` chunks at once; the rounding order is found meanwhile (the chunks wait for it after reading
+    their columns)."""
+    chunks = _row_chunks(p, workers)
+    if workers <= 1 or len(chunks) <= 1:
+        plan: Future = Future()
+        plan.set_result(_rounding_plan(p))
+        parts = [_calibrated_rows(p.rows(r0, r1), fold.bias[r0:r1], plan) for r0, r1 in chunks]
+    else:
+        with cpu_threads(1, torch.device("cpu")), ThreadPoolExecutor(1, "modulation-plan") as planner, \
+                ThreadPoolExecutor(workers, "modulation-rows") as pool:
+            plan = planner.submit(_rounding_plan, p)
+            parts = list(pool.map(lambda rows: _calibrated_rows(p.rows(*rows), fold.bias[rows[0]:rows[1]], plan),
+                                  chunks))
+    kept = sum(part.rows_kept for part in parts)
+    notes = [f"{kept} of {p.shape[0]} rows kept their codes (bias fold was better there)"] if kept else []
+    written = torch.cat([part.written_codes for part in parts])
+    return Candidate("calibrated", _ratio(sum(part.err_sumsq for part in parts), _sumsq(p.signal)), None, p.s,
+                     torch.cat([part.zeros for part in parts]), torch.cat([part.bias for part in parts]),
+                     codes_changed=sum(part.codes_changed for part in parts), notes=notes, written_codes=written)
 
 
 # -- the chooser ---------------------------------------------------------------------------------------------
@@ -448,14 +538,9 @@ def _written_codes(p: LayerProblem, best: Candidate) -> torch.Tensor:
     """The chosen candidate's codes in the form they came in: packed qweight or (O, I) uint8."""
     if best.codes is not None:
         return best.codes if p.packed is None else AwqQWeight.pack(best.codes)
-    if best.tail_codes is None:
-        return p.codes if p.packed is None else p.packed
-    idx, cols = best.tail_codes
-    if p.packed is not None:
-        return replace_qweight_columns(p.packed, idx, cols)
-    codes = p.codes.clone()
-    codes[:, idx] = cols
-    return codes
+    if best.written_codes is not None:
+        return best.written_codes
+    return p.codes if p.packed is None else p.packed
 
 
 def _result(p: LayerProblem, best: Candidate, cands: dict[str, Candidate], mode: str, notes: list[str],
@@ -498,6 +583,7 @@ def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     dev = torch.device(device)
     # a small layer is all short ops: run it on one CPU thread
     small = codes.numel() * (8 if codes.dtype == torch.int32 else 1) <= _SMALL_LAYER
+    workers = 1 if small or dev.type != "cpu" else torch.get_num_threads()
     with cpu_threads(1 if small else torch.get_num_threads(), dev):
         p = layer_problem(codes, scales, zeros, bias, delta_w, delta_b, x_calib, x_eval, mode=mode,
                           group_size=group_size, dev=dev, tail=tail, damp=damp)
@@ -505,7 +591,7 @@ def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         if mode == "requant" or requant_figure:
             cands["requant"] = requant(p, keep=mode == "requant")
         if mode == "calibrated":
-            cands["calibrated"] = calibrated(p, cands["biasfold"])
+            cands["calibrated"] = calibrated(p, cands["biasfold"], workers)
         best, notes = choose(cands, mode)
         result = _result(p, best, cands, mode, notes, t0)
     log.debug("modulation merge: %s", result.summary())
