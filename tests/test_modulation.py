@@ -309,3 +309,51 @@ def test_cuda_matches_cpu(small):
     b = merge_modulation(codes, scales, zeros, bias, lora, None, calg, xe, device="cuda")
     assert b.e_asked == pytest.approx(a.e_asked, abs=0.02)
     assert float((a.codes != b.codes).float().mean()) < 0.01
+
+
+def test_graph_loops_compute_the_same_bits(small, monkeypatch):
+    """The CUDA-graph forms of the two sequential loops (converter.modulation.graphs: every step the same kernels)
+    give exactly what the loops launched elsewhere give; run here as they are, on the CPU. A layer with zero
+    scales is included (its codes are divided by 1)."""
+    from converter.modulation import graphs
+    from converter.modulation import merge as M
+    from converter.modulation.calibration import _pivot_order
+
+    _, _, xe, cal = small
+    nvar = 1 + cal.tail.numel() + cal.n_groups
+    steps = torch.rand(nvar, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.1
+    a = cal.gram_damped[1:, 1:] * steps[1:, None] * steps[None, 1:]
+    want = _pivot_order(a.clone())
+    assert torch.equal(graphs.pivot_order(a), want) and sorted(want.tolist()) == list(range(nvar - 1))
+
+    launched = M.sequential_round
+    compared = []
+
+    def both(*args, **kw):
+        got = launched(*args, **kw)
+        static = graphs.sequential_round(*args, kw.get("block", 16), kw.get("s_div"))
+        compared.append(all(torch.equal(x, y) for x, y in zip(got, static)) and kw.get("s_div") is not None)
+        return got
+
+    monkeypatch.setattr(M, "sequential_round", both)
+    codes, scales, zeros, bias, lora = _layer(256, 32, 0.03, seed=16)
+    scales[::7, 1] = 0.0  # zero scales: their codes are irrelevant
+    res = merge_modulation(codes, scales, zeros, bias, lora, None, cal, xe)
+    assert compared == [True] and res.action == "calibrated"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graphs_change_nothing(small, monkeypatch):
+    """On a CUDA device the two loops replay captured graphs: the same bits as launching their kernels."""
+    from converter.modulation import graphs
+
+    _, xc, xe, _ = small
+    calg = ModulationCalibration.build(xc, device="cuda")
+    codes, scales, zeros, bias, lora = _layer(256, 32, 0.03, seed=17)
+    runs = []
+    for enabled in (True, True, False):  # the second replays the graphs the first captured
+        monkeypatch.setattr(graphs, "ENABLED", enabled)
+        runs.append(merge_modulation(codes, scales, zeros, bias, lora, None, calg, xe, device="cuda"))
+    for res in runs[1:]:
+        assert torch.equal(res.codes, runs[0].codes) and torch.equal(res.zeros, runs[0].zeros)
+        assert torch.equal(res.bias, runs[0].bias) and res.e_mod == runs[0].e_mod

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from ..codecs.awq_w4a16 import GROUP
+from . import graphs
 
 DEFAULT_TAIL = 512
 DEFAULT_DAMP = 3e-3
@@ -89,6 +90,28 @@ def _checked_inputs(x_calib: torch.Tensor, weights: torch.Tensor | None, group_s
     return x, w
 
 
+def _pivot_order(a: torch.Tensor) -> torch.Tensor:
+    """Minimum-pivot Cholesky order of the symmetric matrix `a` (overwritten): the pivots in the order taken."""
+    dev = a.device
+    alive = torch.arange(a.shape[0], device=dev)  # original index of each row of `a`
+    big = torch.finfo(torch.float64).max
+    picks: list[torch.Tensor] = []
+    with cpu_threads(1, dev):
+        while alive.numel():
+            for _ in range(min(64, alive.numel())):  # then drop the rows taken, to shrink the updates
+                # the pivot stays a device tensor (index_select, not int()): no host round trip per step
+                pivot = torch.argmin(a.diagonal()).view(1)
+                picks.append(alive.index_select(0, pivot))
+                col = a.index_select(1, pivot).squeeze(1)
+                col = col / col.index_select(0, pivot).clamp_min(1e-300).sqrt()
+                a.addr_(col, col, alpha=-1.0)
+                a.diagonal().index_fill_(0, pivot, big)  # row and column are now zero: out of the argmin
+            keep = a.diagonal() < big
+            a = a[keep][:, keep]
+            alive = alive[keep]
+    return torch.cat(picks)
+
+
 @dataclass(eq=False)
 class ModulationCalibration:
     """Everything that depends only on the calibration inputs; build once, reuse for every layer.
@@ -127,23 +150,7 @@ class ModulationCalibration:
         dev = h.device
         d = steps.to(dev, torch.float64).clamp_min(1e-30)
         a = h[1:, 1:] * d[1:, None] * d[None, 1:]
-        alive = torch.arange(a.shape[0], device=dev)  # original index of each row of `a`
-        big = torch.finfo(torch.float64).max
-        picks: list[torch.Tensor] = []
-        with cpu_threads(1, dev):
-            while alive.numel():
-                for _ in range(min(64, alive.numel())):  # then drop the rows taken, to shrink the updates
-                    # the pivot stays a device tensor (index_select, not int()): no host round trip per step
-                    pivot = torch.argmin(a.diagonal()).view(1)
-                    picks.append(alive.index_select(0, pivot))
-                    col = a.index_select(1, pivot).squeeze(1)
-                    col = col / col.index_select(0, pivot).clamp_min(1e-300).sqrt()
-                    a.addr_(col, col, alpha=-1.0)
-                    a.diagonal().index_fill_(0, pivot, big)  # row and column are now zero: out of the argmin
-                keep = a.diagonal() < big
-                a = a[keep][:, keep]
-                alive = alive[keep]
-        order = torch.cat(picks[::-1])
+        order = (graphs.pivot_order(a) if graphs.usable(dev) else _pivot_order(a)).flip(0)
         perm = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + order])
         hp = h[perm][:, perm]
         # U with inv(hp) = U^T U, U upper: with J the reversal, J hp J = L L^T gives U = J inv(L) J
@@ -239,6 +246,8 @@ def sequential_round(
     rounding's cost in the damped metric H (inv(H) = UᵀU) is Σ e² per row: returned, so that scoring it needs
     no (N' x N') x (N' x O) product. The work is in place on a permuted copy of `targets`; `targets` is kept.
     """
+    if graphs.usable(targets.device):
+        return graphs.sequential_round(targets, perm, u, s_t, z_t, z_g, block, s_div)
     work = targets.index_select(0, perm)
     nvar, o = work.shape
     m = s_t.shape[0]
