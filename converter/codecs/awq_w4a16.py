@@ -51,32 +51,36 @@ def _column_bytes(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 2 * (c64 * 64 + r * 16 + h * 8 + b) + a // 2, a % 2
 
 
-def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The codes of input columns `idx` (m,) of a packed qweight, uint8 (m, O) (a column per row: the layout
+def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The codes of input columns `idx` (m,) of a packed qweight, (m, O) of `dtype` (a column per row: the layout
     the modulation merge works in), without unpacking the others."""
-    o4 = qweight.shape[0]
+    o4, m = qweight.shape[0], idx.numel()
     where, high = _column_bytes(idx.to(qweight.device))
-    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)].view(o4, 4, -1).permute(2, 0, 1)
-    out = torch.empty(idx.numel(), o4, 4, dtype=torch.uint8, device=qweight.device)
-    torch.bitwise_right_shift(picked, (4 * high).to(torch.uint8).view(-1, 1, 1), out=out)
-    return out.bitwise_and_(0xF).view(idx.numel(), o4 * 4)
+    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)]  # (O/4, (r, column))
+    picked = (picked >> (4 * high).to(torch.uint8).repeat(4)).bitwise_and_(0xF)
+    # (O/4, (r, column)) is (O, m) row-major: one 2-D transpose, on float32 (torch moves single bytes, and
+    # 3-D permutations, several times slower)
+    columns = picked.float().view(o4 * 4, m).T.contiguous()
+    return columns if dtype == torch.float32 else columns.to(dtype)
 
 
 def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of a packed qweight whose input columns `idx` (m,) hold `codes` (m, O) 0..15 (a column per row);
-    every other nibble is copied as it is. Only the bytes that hold a column of `idx` are split into their two
-    nibbles; each (row, column) has its own nibble slot, so one indexed write places them all."""
-    o4 = qweight.shape[0]
+    every other nibble is copied as it is. Works on the int32 words transposed (a row per word position:
+    whole-row gathers and scatters): each (row, column) has its own nibble field in one word, so the new
+    fields of a word add up to its new bits."""
+    o4, m = qweight.shape[0], idx.numel()
     where, high = _column_bytes(idx.to(qweight.device))
-    uniq, inverse = torch.unique(where.reshape(-1), return_inverse=True)
-    out = qweight.contiguous().clone()
-    out_bytes = out.view(torch.uint8)
-    old = out_bytes[:, uniq]
-    nibbles = torch.stack([old & 0xF, old >> 4])  # (2, O/4, bytes)
-    new = codes.to(torch.uint8).view(-1, o4, 4).permute(2, 0, 1).reshape(-1, o4)  # ((r, column), O/4)
-    nibbles[high.expand(4, -1).reshape(-1), :, inverse] = new
-    out_bytes[:, uniq] = nibbles[0] | (nibbles[1] << 4)
-    return out
+    byte = where.reshape(-1)
+    word, inverse = torch.unique(byte // 4, return_inverse=True)
+    shift = (8 * (byte % 4) + 4 * high.repeat(4)).to(torch.int32)  # of each (r, column) field in its word
+    fields = codes.to(torch.int32).view(m, o4, 4).permute(2, 0, 1).reshape(4 * m, o4) << shift[:, None]
+    new_bits = torch.zeros(word.numel(), o4, dtype=torch.int32, device=qweight.device).index_add_(0, inverse, fields)
+    mask = torch.zeros(word.numel(), dtype=torch.int32, device=qweight.device)
+    mask.index_add_(0, inverse, torch.full_like(shift, 0xF) << shift)
+    words = qweight.T.contiguous()  # (I/2, O/4)
+    words[word] = words[word].bitwise_and_(~mask[:, None]).bitwise_or_(new_bits)
+    return words.T.contiguous()
 
 
 class AwqGroupParams(Codec, name="awq_group_params"):

@@ -147,9 +147,11 @@ class LayerProblem:
     def n_groups(self) -> int:
         return self.s.shape[1]
 
-    def columns(self, idx: torch.Tensor) -> torch.Tensor:
-        """Base codes of input columns idx, uint8 (m, O): a column per row."""
-        return self.codes[:, idx].T.contiguous() if self.packed is None else qweight_columns(self.packed, idx)
+    def columns(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Base codes of input columns idx, (m, O) of `dtype`: a column per row."""
+        if self.packed is None:
+            return self.codes[:, idx].T.to(dtype).contiguous()
+        return qweight_columns(self.packed, idx, dtype)
 
     def with_columns(self, idx: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Every code, in the form they came in (packed qweight or (O, I) uint8), with input columns idx set to
@@ -293,24 +295,39 @@ class _Tail:
     group scales and zeros, and the rounding targets of [bias; tail weights; zero shifts]."""
 
     idx: torch.Tensor  # (m,) code columns that may change
+    q0_codes: torch.Tensor  # (m, O) base codes, uint8
     q0: torch.Tensor  # (m, O) base codes, float
     s_g: torch.Tensor  # (ng, O) group scales
     z_g: torch.Tensor  # (ng, O) group zeros
     s: torch.Tensor  # (m, O) scale of each tail weight
     z: torch.Tensor  # (m, O) zero of each tail weight
-    dw: torch.Tensor  # (m, O) ΔW on the tail columns
-    comp: torch.Tensor  # (N', O) continuous optimum shift given -ΔW on the kept columns
     s_div: torch.Tensor | None  # `s` with its zero scales replaced by 1 (None: no zero scale)
+    targets: torch.Tensor  # (N', O) base values + the continuous optimum shift given -ΔW on the kept columns
+    phi_left: torch.Tensor | None  # LoRA delta: (N', r), targets - base = phi_left·upᵀ
+    dw: torch.Tensor | None  # dense delta: (m, O) ΔW on the tail columns
+    comp: torch.Tensor | None  # dense delta: (N', O) the optimum shift given -ΔW on the kept columns
 
 
 def _tail(p: LayerProblem) -> _Tail:
     idx = p.calib.tail
-    gidx = idx // p.group
+    m, gidx = idx.numel(), idx // p.group
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
-    s_t = s_g[gidx]
+    s_t, z_t = s_g[gidx], z_g[gidx]
     s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if bool((s_g <= 0).any()) else None
-    return _Tail(idx, p.columns(idx).float(), s_g, z_g, s_t, z_g[gidx],
-                 p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp), s_div)
+    q0 = p.columns(idx, torch.float32)
+    q0_codes = q0.to(torch.uint8)
+    phi_left = dw = comp = None
+    if p.delta.dense is None:  # one rank-r product: the shift and ΔW on the tail columns together
+        phi_left = p.calib.comp @ p.delta.down.T
+        phi_left[1: 1 + m] += p.delta.down[:, idx].T
+        targets = phi_left @ p.delta.up.T
+    else:
+        dw, comp = p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp)
+        targets = comp.clone()
+        targets[1: 1 + m] += dw
+    targets[0] += p.bstar
+    targets[1: 1 + m].addcmul_(q0, s_t).add_(z_t)
+    return _Tail(idx, q0_codes, q0, s_g, z_g, s_t, z_t, s_div, targets, phi_left, dw, comp)
 
 
 RoundingPlan = tuple[torch.Tensor, torch.Tensor]  # (rounding order, update rows): see ModulationCalibration
@@ -340,41 +357,49 @@ class _Rounded:
 
 def _round_tail(p: LayerProblem, t: _Tail, plan: RoundingPlan) -> _Rounded:
     """Sequential rounding of the free variables, in the layer's rounding order."""
-    m, o = t.q0.shape
-    targets = torch.empty(1 + m + p.n_groups, o, dtype=torch.float32, device=t.q0.device)
-    targets[0] = p.bstar
-    torch.addcmul(t.z, t.q0, t.s, out=targets[1: 1 + m])
-    targets[1: 1 + m] += t.dw
-    targets[1 + m:] = 0.0
-    targets += t.comp
+    m = t.q0.shape[0]
+    targets = t.targets
     b_round, q_new, z_new, cost = sequential_round(targets, *plan, t.s, t.z, t.z_g, s_div=t.s_div)
     if t.s_div is not None:  # a zero scale makes the code irrelevant (same value): keep the base code
         q_new = torch.where(t.s > 0, q_new, t.q0)
-    moved = targets.neg_()
+    moved = targets.neg_()  # the targets are used up
+    t.targets = None
     moved[0] += b_round
     moved[1: 1 + m].addcmul_(q_new, t.s).add_(t.z)
     moved[1 + m:] += z_new - t.z_g
     return _Rounded(q_new, z_new, b_round, moved, cost)
 
 
-def _rows_to_keep(p: LayerProblem, t: _Tail, dr: torch.Tensor, b_fold: torch.Tensor, r: _Rounded,
+FreeParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows of [bias (O,); tail weights (m, O); zeros (ng, O)]
+
+
+def _rows_to_keep(p: LayerProblem, t: _Tail, dr: FreeParts, b_fold: torch.Tensor, r: _Rounded,
                   b_new: torch.Tensor) -> torch.Tensor:
     """Per row, whether the rounding beats the bias fold on the calibration objective. Both share the error
     -ΔW on the kept columns; J(cal) - J(fold) = dr'(G dr + 2 Z), with dr the difference of the free variables
-    and Z = G r_fold + G_{free,kept} e_kept (= -(G + lam) comp)."""
-    gram, m = p.calib.gram, t.idx.numel()
-    quad = None if p.delta.dense is not None else _quad_lowrank(p, t, b_fold, r, b_new)
-    if p.delta.dense is None:  # cheap through the factors
-        zt = p.delta.left_mul_t(p.calib.select).neg_()
-    else:  # two (N' x m/N') GEMMs beat one (N' x I) pass over a dense dW
-        zt = torch.mm(gram[:, 1: 1 + m], t.dw).neg_()
-        zt.addmm_(gram, t.comp, alpha=-1.0)
-        zt.addcmul_(p.calib.lam[:, None], t.comp, value=-1.0)
-    zt.addr_(gram[:, 0], b_fold - p.bstar)
-    if quad is not None:
-        return quad + 2 * (dr * zt).sum(0) < 0  # (O,)
-    zt.mul_(2.0).addmm_(gram, dr)
-    return (dr * zt).sum(0) < 0
+    (by parts) and Z = G r_fold + G_{free,kept} e_kept (= -(G + lam) comp) + g0 (b_fold - b*)."""
+    gram = p.calib.gram
+    beta = b_fold - p.bstar
+    if p.delta.dense is None:  # Z = -(select·downᵀ)·upᵀ + g0 βᵀ: dr'Z through the rank-r factor
+        z_left = p.calib.select @ p.delta.down.T  # (N', r)
+        cross = (_parts_t_mm(z_left, dr) * p.delta.up.T).sum(0)
+        return _quad_lowrank(p, t, b_fold, r, b_new) + 2 * (beta * _parts_t_mm(gram[:, :1], dr)[0] - cross) < 0
+    m = t.idx.numel()
+    dr_all = torch.cat([dr[0][None], dr[1], dr[2]], dim=0)
+    zt = torch.mm(gram[:, 1: 1 + m], t.dw).neg_()  # two (N' x m/N') GEMMs beat one (N' x I) pass over dW
+    zt.addmm_(gram, t.comp, alpha=-1.0)
+    zt.addcmul_(p.calib.lam[:, None], t.comp, value=-1.0)
+    zt.addr_(gram[:, 0], beta)
+    zt.mul_(2.0).addmm_(gram, dr_all)
+    return (dr_all * zt).sum(0) < 0
+
+
+def _parts_t_mm(left: torch.Tensor, dr: FreeParts) -> torch.Tensor:
+    """leftᵀ · dr (k, O) for left (N', k), with dr given by parts (no (N' x O) array is formed)."""
+    m = dr[1].shape[0]
+    out = torch.outer(left[0], dr[0])
+    out.addmm_(left[1: 1 + m].T, dr[1]).addmm_(left[1 + m:].T, dr[2])
+    return out
 
 
 def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, b_new: torch.Tensor
@@ -384,19 +409,17 @@ def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, 
     dr = δ' + φ: δ' = what the rounding moved the free variables from their targets (the re-fitted bias:
     +γ on it), φ = targets - fold = A·upᵀ + e0·βᵀ, with A = comp·downᵀ + downᵀ on the tail rows (rank r,
     `phi_left`) and β = b* - b_fold. With G = H - diag(lam) and δ'Hδ = Σ e² (the rounding's own cost),
-    every term is a rank-r or diagonal product."""
+    every term is a rank-r or diagonal product. Uses up r.moved (squared in place)."""
     gram, lam = p.calib.gram, p.calib.lam
-    up, down = p.delta.up, p.delta.down
-    m = t.idx.numel()
+    up, phi_left = p.delta.up, t.phi_left
     delta, gamma, g00 = r.moved, b_new - r.bias, p.calib.gram[0, 0]
     g0_delta = gram[0] @ delta
-    quad_delta = r.cost - (lam[:, None] * delta.square()).sum(0) + gamma * (2 * g0_delta + gamma * g00)
-    phi_left = p.calib.comp @ down.T  # (N', r): φ = phi_left·upᵀ + e0·βᵀ
-    phi_left[1: 1 + m] += down[:, t.idx].T
     gram_phi = gram @ phi_left
     beta = p.bstar - b_fold
     cross = ((gram_phi.T @ delta + torch.outer(gram_phi[0], gamma)).T * up).sum(1)
     cross += beta * (g0_delta + gamma * g00)
+    quad_delta = r.cost - lam @ delta.square_() + gamma * (2 * g0_delta + gamma * g00)
+    r.moved = None
     quad_phi = ((up @ (phi_left.T @ gram_phi)) * up).sum(1) + beta * (2 * (up @ gram_phi[0]) + beta * g00)
     return quad_delta + 2 * cross + quad_phi
 
@@ -425,8 +448,7 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future) -> 
     # re-fit the bias: nearest bf16 to its calibration optimum given the new weights
     e_bar = d_tail.T @ p.xbar[t.idx] + dz_t.T @ xbar_g - p.delta.matvec(p.xbar)
     b_new = bf16(p.bstar - e_bar)
-    keep_row = _rows_to_keep(p, t, torch.cat([(b_new - fold_bias)[None], d_tail, dz_t], dim=0), fold_bias,
-                             rounded, b_new)
+    keep_row = _rows_to_keep(p, t, (b_new - fold_bias, d_tail, dz_t), fold_bias, rounded, b_new)
     keep = keep_row.to(dq.dtype)[None]  # a product, not torch.where: where is several times slower here
     dq.mul_(keep)
     d_tail.mul_(keep)
@@ -436,9 +458,9 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future) -> 
     err += (z_new - p.z) @ p.xe.view(-1, p.n_groups, p.group).sum(-1).T
     err += (b_new - p.b0)[:, None]
     err -= p.signal
-    changed = int(torch.count_nonzero(dq))
-    return _RowsPart(p.with_columns(t.idx, dq.add_(t.q0).to(torch.uint8)), z_new, b_new, _sumsq(err), changed,
-                     int((~keep_row).sum()))
+    new_codes = dq.add_(t.q0).to(torch.uint8)
+    changed = int(torch.count_nonzero(new_codes != t.q0_codes))  # on bytes: a quarter of the memory of floats
+    return _RowsPart(p.with_columns(t.idx, new_codes), z_new, b_new, _sumsq(err), changed, int((~keep_row).sum()))
 
 
 _CHUNK_BYTES = 192 << 20  # fp32 working memory of one row chunk of the calibrated candidate
