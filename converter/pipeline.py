@@ -15,6 +15,7 @@ from .lorafile import LoraFile, LoraSpec, open_lora
 from .model import Model, load_model
 from .naming import counted, natural
 from .planner import SVD_RANK, Plan, build_plan, updated_metadata
+from .prefetch import InOrder, LayerPrefetch
 from .st_reader import Checkpoint
 from .st_writer import OutSpec, StreamingWriter, header_bytes
 
@@ -195,8 +196,8 @@ class _Output:
     """One job's state during the pass: the declared tensors, its writer, and a changed layer's computed
     tensors until they are written."""
 
-    def __init__(self, job: Job, base: Checkpoint, order: list[str]):
-        self.job, self.plan = job, job.session.plan
+    def __init__(self, index: int, job: Job, base: Checkpoint, order: list[str]):
+        self.index, self.job, self.plan = index, job, job.session.plan
         self.specs = output_specs(self.plan, base, order)
         self.touched = self.plan.touched_keys()
         for lf in job.session.loras:
@@ -210,20 +211,21 @@ class _Output:
     def nbytes(self) -> int:
         return sum(sp.nbytes for sp in self.specs)
 
-    def take(self, name: str, base: Checkpoint, compute: Callable[[_Output, str], dict]) -> None:
-        """Hand tensor `name` to the writer: copied, or computed with its layer (once per layer)."""
+    def take(self, name: str, base: Checkpoint, computed_layer: Callable[[tuple[int, str]], dict]) -> None:
+        """Hand tensor `name` to the writer: copied, or taken from its layer's computed tensors (the layer is
+        fetched once, when its first tensor comes up: `computed_layer((self.index, prefix))`)."""
         if name not in self.touched:  # copied in the kernel where it can; the page cache serves later jobs
             self.writer.copy_tensor(name, base)
             return
         prefix = name.rpartition(".")[0]
         if prefix not in self.computed:
             self.computed.add(prefix)
-            self.pending[prefix] = compute(self, prefix)
-        t = self.pending.get(prefix, {}).pop(name, None)
-        if t is None:
+            self.pending[prefix] = computed_layer((self.index, prefix))
+        tensor = self.pending.get(prefix, {}).pop(name, None)
+        if tensor is None:
             self.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
         else:
-            self.writer.write_tensor(name, t)
+            self.writer.write_tensor(name, tensor)
         if prefix in self.pending and not self.pending[prefix]:
             del self.pending[prefix]
 
@@ -256,34 +258,57 @@ def execute(s: Session, out_path: str, opts: Options) -> dict:
     return execute_many(s.base, [Job(s, out_path)], opts)[0]
 
 
+def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, str]]:
+    """(output index, layer) of every layer computation, in the order the writer needs them (the order a pass
+    that computed each layer when its first tensor came up would compute them in)."""
+    schedule: dict[tuple[int, str], None] = {}
+    for name in order:
+        for out in outs:
+            if name in out.touched:
+                schedule.setdefault((out.index, name.rpartition(".")[0]))
+    return list(schedule)
+
+
+# layers computed or under way before the writer takes them: the next layer is computed while the writer copies
+# the tensors before it; one worker, so that a modulation layer's ~1 GB of temporaries exists once at a time and
+# the process-wide torch thread setting of the per-layer maths is the one a sequential pass has (prefetch.py)
+MERGE_AHEAD, MERGE_WORKERS = 2, 1
+
+
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
-    """Stream the base once; every job gets each tensor either copied byte for byte or transformed.
+    """Stream the base once; every job gets each tensor either copied byte for byte or transformed. The changed
+    layers are computed on a worker thread ahead of the writer (prefetch.py), in the order the writer needs them.
     All outputs are committed only if every job succeeded; on any failure no output file is left."""
     paths = [os.path.abspath(j.out_path) for j in jobs]
     if len(set(paths)) != len(paths):
         raise MergeError("two outputs of one batch have the same path")
     order = output_order(base, [j.session.plan for j in jobs])
-    outs = [_Output(j, base, order) for j in jobs]
+    outs = [_Output(index, job, base, order) for index, job in enumerate(jobs)]
     step = progress_counter(opts, sum(o.nbytes for o in outs))
     device, why = pick_device(opts.device, [j.session.plan for j in jobs])
-    ctx: list[MergeContext] = []  # made (and torch imported) when the first changed layer comes up
+    contexts: list[MergeContext] = []  # made (and torch imported) by the worker, when it starts on the first layer
 
-    def compute(o: _Output, prefix: str) -> dict:
-        if not ctx:
-            ctx.append(MergeContext(base, jobs[0].session.model, device))
-        return merge_layer(ctx[0], o.plan, prefix, o.job.session.records)
+    def compute(key: tuple[int, str], in_order: InOrder) -> dict:
+        index, prefix = key
+        with in_order():
+            if not contexts:
+                contexts.append(MergeContext(base, jobs[0].session.model, device))
+            return merge_layer(contexts[0], outs[index].plan, prefix, outs[index].job.session.records)
 
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     # everything long-lived exists now; the loop below allocates many short-lived objects, and full
     # collections would keep walking the plan and headers (measured ~3% of a merge)
     gc.freeze()
+    prefetch: LayerPrefetch | None = None
     try:
         for o in outs:
             o.job.session.records = []
             o.writer = StreamingWriter(o.job.out_path, o.specs, o.meta, progress=step)
+        prefetch = LayerPrefetch(compute_schedule(order, outs), compute, ahead=MERGE_AHEAD, workers=MERGE_WORKERS,
+                                 name="merge-compute")
         for name in order:
             for o in outs:
-                o.take(name, base, compute)
+                o.take(name, base, prefetch.take)
         for o in outs:
             o.finish()
         check_inputs_unchanged(base, [lora for job in jobs for lora in job.session.loras])
@@ -296,10 +321,12 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
                 o.writer.abort()
         raise
     finally:
-        if ctx:
-            ctx[0].close()
+        if prefetch is not None:
+            prefetch.close()  # before the context: the worker may still be computing with it
+        if contexts:
+            contexts[0].close()
         gc.unfreeze()
-    secs = round(time.perf_counter() - t0, 3)
+    secs = round(time.perf_counter() - started, 3)
     return [{"seconds": secs, "output": o.job.out_path, "output_bytes": os.path.getsize(o.job.out_path),
              "write_mode": "direct" if o.writer.direct else "buffered", "device": device, "device_reason": why}
             for o in outs]

@@ -20,7 +20,7 @@ from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
 from .folder import (CONFIG_NAME, INDEX_NAME, SHARD_METADATA, AtomicFolder, Shard, check_target, index_json,
                      plan_shards)
-from .prefetch import InOrder, LayerPrefetch
+from ..prefetch import InOrder, LayerPrefetch
 from .tree import ExportError, ExportTree, export_tree
 
 
