@@ -10,18 +10,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ExportError
 from ..layers import MergeContext
 from ..lorafile import LoraSpec
 from ..naming import human_bytes
 from ..pipeline import (Options, Session, check_inputs_unchanged, open_session, pick_device, post_write_check,
                         progress_counter, provenance)
+from ..prefetch import InOrder, LayerPrefetch
 from ..report import plan_report, render, summarize_layers
 from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
 from .folder import (CONFIG_NAME, INDEX_NAME, SHARD_METADATA, AtomicFolder, Shard, check_target, index_json,
                      plan_shards)
-from ..prefetch import InOrder, LayerPrefetch
-from .tree import ExportError, ExportTree, export_tree
+from .tree import ExportTree, export_tree
 
 
 @dataclass
