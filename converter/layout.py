@@ -131,6 +131,15 @@ def split_rows(layer: Layer, names: tuple[str, ...]) -> dict[str, list[Segment]]
     return {c: [Segment(layer.prefix, i * n, 0, n, c)] for i, c in enumerate(names)}
 
 
+def split_modules(layer: Layer, suffix: str, modules: tuple[tuple[str, str], ...]) -> dict[str, list[Segment]]:
+    """The modules a fused layer's rows are, as a family declares them once for the LoRA's names and diffusers'
+    alike: `modules` = (component, module name after the block) in row order, equal parts; the layer's prefix is
+    the block's followed by `suffix`. {module's full name: its segments}."""
+    parent = layer.prefix[: -len(suffix)] + "."
+    segments = split_rows(layer, tuple(component for component, _ in modules))
+    return {parent + module: segments[component] for component, module in modules}
+
+
 def fused_over(layers: list[Layer], names: tuple[str, ...]) -> list[Segment]:
     """A fused LoRA module (e.g. qkv) whose row parts land on separate layers."""
     out, start = [], 0
@@ -148,6 +157,12 @@ class DiffusersPart:
     name: str
     start: int
     stop: int
+
+    @classmethod
+    def of(cls, name: str, segments: list[Segment]) -> DiffusersPart:
+        """The module `name` that is the rows of `segments` (one range) of its layer."""
+        (segment,) = segments
+        return cls(name, segment.target_start, segment.target_start + segment.rows)
 
 
 class RowOrder(Protocol):

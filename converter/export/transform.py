@@ -74,9 +74,11 @@ class LayerTransformer:
         layer = self.plan.model.layers[prefix]
         kind, sources = kind_of(layer), LayerSources(self.ctx.base, layer, merged, self.plan.model.family)
         rounded = self.rounded.setdefault(prefix, [])
-        return {out.name: _finish(out, kind.export_tensor(sources, out, sources.get(out.source) if out.source else None),
-                                  rounded)
-                for out in self.outputs[prefix]}
+        made = {}
+        for out in self.outputs[prefix]:
+            source = sources.get(out.source) if out.source else None
+            made[out.name] = _finish(out, kind.export_tensor(sources, out, source), rounded)
+        return made
 
 
 def _finish(out: OutTensor, tensor: torch.Tensor, rounded: list[str]) -> torch.Tensor:

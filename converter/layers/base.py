@@ -266,13 +266,14 @@ def detect_layer(path: str, tensors: Mapping[str, TensorInfo], name: str) -> Lay
     return None
 
 
-def is_qweight(path: str, tensors: Mapping[str, TensorInfo], part: str, info: TensorInfo, dtype: str) -> bool:
-    """Whether tensor `part` (`info`) is the `qweight` of a quantized layer packed as `dtype`; the packed tensors
-    of its layer that are present must be 2-D (the header may lie)."""
+def is_qweight(path: str, tensors: Mapping[str, TensorInfo], part: str, info: TensorInfo, dtype: str,
+               matrices: tuple[str, ...]) -> bool:
+    """Whether tensor `part` (`info`) is the `qweight` of a quantized layer packed as `dtype`; the tensors
+    `matrices` of its layer that are present must be 2-D (the header may lie)."""
     if part != "qweight" or info.dtype != dtype:
         return False
     prefix = info.name.rpartition(".")[0]
-    packed = {name: tensors.get(f"{prefix}.{name}") for name in ("qweight", "proj_down", "proj_up", "wzeros")}
+    packed = {name: tensors.get(f"{prefix}.{name}") for name in matrices}
     flat = [f"{name} {found.shape}" for name, found in packed.items() if found is not None and len(found.shape) != 2]
     if flat:
         raise MergeError(f"{path}: quantized layer {prefix} has {', '.join(flat)}: not a matrix")

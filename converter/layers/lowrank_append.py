@@ -40,7 +40,7 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         """An int8 `qweight` (two 4-bit codes a byte) with its low-rank branch; fp8 wscales tell nvfp4 from int4."""
         down, up = tensors.get(f"{prefix}.proj_down"), tensors.get(f"{prefix}.proj_up")
         wscales = tensors.get(f"{prefix}.wscales")
-        if not is_qweight(path, tensors, part, info, "I8"):
+        if not is_qweight(path, tensors, part, info, "I8", ("qweight", "proj_down", "proj_up")):
             return None
         if down is None or up is None or wscales is None:
             raise MergeError(f"{path}: SVDQ layer {prefix} lacks proj_down/proj_up/wscales")

@@ -75,7 +75,7 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     def detect(cls, path: str, tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo
                ) -> Layer | None:
         """An int32 `qweight` (eight 4-bit codes a word) with its group scales and zeros."""
-        if not is_qweight(path, tensors, part, info, "I32"):
+        if not is_qweight(path, tensors, part, info, "I32", ("qweight", "wzeros")):
             return None
         wscales = tensors.get(f"{prefix}.wscales")
         if wscales is None or f"{prefix}.wzeros" not in tensors:
