@@ -4,28 +4,75 @@ provenance, the changed layers computed ahead of the writer (`LayerStream`, thro
 context, every output finished (complete, durable, checked), the inputs re-checked after the last read, then the
 outputs published together, or all of them aborted when anything failed (an interrupt included): all or nothing.
 
-What differs between the two lives with them: which tensors an output holds and where each comes from (the
-merge: the base's tensors, copied or rewritten by their layer kind; the export: the diffusers tree each kind
-declares), and how it is written (`Sink`: one file, or shards with an index in a folder)."""
+An output is a description, a list of `OutTensor`s (name, dtype, shape, and where it comes from: copied from a base
+tensor, whole or a byte range of it, or computed by its layer), and a writer: a `TensorFeed` hands the described
+tensors to it. What differs between the passes lives with them: the description (the merge's is the base's
+tensors in its output order, each copied or rewritten by its layer kind: op "merged"; the export's the diffusers
+tree each kind declares) and how it is written (`Sink`: one file, or shards with an index in a folder)."""
 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol
 
 from . import interrupts
 from .errors import MergeError
 from .prefetch import InOrder, LayerPrefetch
 from .st_reader import Checkpoint
+from .st_writer import OutSpec
 
 if TYPE_CHECKING:
     from .layers import MergeContext
     from .model import Model
-    from .st_writer import OutSpec
+    from .st_writer import StreamingWriter
 
 # compute(key, in_order, context) -> the layer's tensors; `context()` gives the pass's merge context (call it inside
 # the in-order section: its first call makes it)
 LayerCompute = Callable[[Hashable, InOrder, Callable[[], "MergeContext"]], dict]
+
+
+@dataclass(frozen=True)
+class OutTensor(OutSpec):
+    """One tensor of an output's description. `copy`: the bytes of base tensor `source`, unchanged (no op, no dtype
+    change, not rewritten by the merge). Otherwise it is made by its layer's computation (`layer`), with `op`
+    naming how: "merged" is the merge's tensor as the layer kind rewrote it, or the source unchanged where the kind
+    left it (a modulation layer kept as it was); the export's ops are its layer kind's (LayerKind.export_tensor)."""
+
+    layer: str | None = None  # the checkpoint layer whose computation makes it
+    source: str | None = None  # base tensor (None: synthesized ones)
+    op: str = "same"
+    rows: tuple[int, int] | None = None  # the diffusers part's rows of the layer's output
+    copy: bool = True
+    # bytes [start, stop) of `source` in the base are this tensor (a cut of whole rows the merge leaves alone):
+    # written by a file copy, never read into memory
+    byte_range: tuple[int, int] | None = None
+
+
+class TensorFeed:
+    """Hands one output's described tensors to its writer(s), in order: copies (whole, or a byte range) go from
+    the base file to the output file; a computed tensor comes from its layer's results, taken once per layer
+    (`take_layer(layer)`) when its first computed tensor comes up, the others waiting until their turn."""
+
+    def __init__(self, base: Checkpoint, take_layer: Callable[[str], dict]):
+        self.base, self.take_layer = base, take_layer
+        self.pending: dict[str, object] = {}
+        self.taken: set[str] = set()  # layers already taken (once each, even when nothing came of them)
+
+    def put(self, writer: StreamingWriter, tensor: OutTensor) -> None:
+        if tensor.copy or tensor.byte_range is not None:
+            writer.copy_tensor(tensor.name, self.base, tensor.source, tensor.byte_range)
+            return
+        if tensor.layer not in self.taken:
+            self.taken.add(tensor.layer)
+            self.pending.update(self.take_layer(tensor.layer))
+        made = self.pending.pop(tensor.name, None)
+        if made is not None:
+            writer.write_tensor(tensor.name, made)
+        elif tensor.op == "merged":  # the kind left it as it was
+            writer.copy_tensor(tensor.name, self.base, tensor.source)
+        else:
+            raise RuntimeError(f"{tensor.name}: its layer {tensor.layer} did not make it (a bug)")
 
 
 class Sink(Protocol):

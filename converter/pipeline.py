@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
-from .engine import LayerStream, post_write_check, progress_counter, run_pass
+from .engine import LayerStream, OutTensor, TensorFeed, post_write_check, progress_counter, run_pass
 from .errors import MergeError
 from .layers import MergeContext, merge_layer
 from .lorafile import LoraFile, LoraSpec, open_lora
@@ -102,6 +102,15 @@ def output_specs(plan: Plan, base: Checkpoint, order: list[str]) -> list[OutSpec
     return [OutSpec(n, base.tensors[n].dtype, plan.out_shape(n, base.tensors[n].shape)) for n in order]
 
 
+def merge_description(plan: Plan, base: Checkpoint, order: list[str]) -> list[OutTensor]:
+    """The merged file's tensors (engine.OutTensor), in `order`: each base tensor under its name, copied, or, where
+    the plan rewrites it, as its layer kind makes it ("merged")."""
+    touched = plan.touched_keys()
+    return [OutTensor(spec.name, spec.dtype, spec.shape, spec.name.rpartition(".")[0], spec.name, "merged",
+                      copy=spec.name not in touched)
+            for spec in output_specs(plan, base, order)]
+
+
 HASH_PLACEHOLDER = "0" * 64  # same width as a sha256: the header is patched once the hashes are known
 
 
@@ -188,13 +197,12 @@ class _Output:
 
     def __init__(self, index: int, job: Job, base: Checkpoint, order: list[str]):
         self.index, self.job, self.plan = index, job, job.session.plan
-        self.specs = output_specs(self.plan, base, order)
-        self.touched = self.plan.touched_keys()
+        self.tensors = merge_description(self.plan, base, order)
+        self.specs = [OutSpec(tensor.name, tensor.dtype, tensor.shape) for tensor in self.tensors]
         self.meta = updated_metadata(self.plan, provenance(job.session, final=False, out_path=job.out_path))
         self.writer: StreamingWriter | None = None
         self.progress: Callable[[int], None] | None = None
-        self.pending: dict[str, dict] = {}
-        self.computed: set[str] = set()  # layers already computed (once each, even when nothing came of it)
+        self.feed: TensorFeed | None = None
 
     @property
     def nbytes(self) -> int:
@@ -204,23 +212,12 @@ class _Output:
         self.job.session.records = []
         self.writer = StreamingWriter(self.job.out_path, self.specs, self.meta, progress=self.progress)
 
-    def take(self, name: str, base: Checkpoint, computed_layer: Callable[[tuple[int, str]], dict]) -> None:
-        """Hand tensor `name` to the writer: copied, or taken from its layer's computed tensors (the layer is
-        fetched once, when its first tensor comes up: `computed_layer((self.index, prefix))`)."""
-        if name not in self.touched:  # copied in the kernel where it can; the page cache serves later jobs
-            self.writer.copy_tensor(name, base)
-            return
-        prefix = name.rpartition(".")[0]
-        if prefix not in self.computed:
-            self.computed.add(prefix)
-            self.pending[prefix] = computed_layer((self.index, prefix))
-        tensor = self.pending.get(prefix, {}).pop(name, None)
-        if tensor is None:
-            self.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
-        else:
-            self.writer.write_tensor(name, tensor)
-        if prefix in self.pending and not self.pending[prefix]:
-            del self.pending[prefix]
+    def start(self, base: Checkpoint, stream: LayerStream) -> None:
+        self.feed = TensorFeed(base, lambda prefix: stream.take((self.index, prefix)))
+
+    def put(self, position: int) -> None:
+        """Hand the tensor at `position` of the output order to the writer."""
+        self.feed.put(self.writer, self.tensors[position])
 
     def finish(self) -> None:
         self.meta = updated_metadata(self.plan, provenance(self.job.session, out_path=self.job.out_path))
@@ -243,10 +240,10 @@ def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, s
     """(output index, layer) of every layer computation, in the order the writer needs them (the order a pass
     that computed each layer when its first tensor came up would compute them in)."""
     schedule: dict[tuple[int, str], None] = {}
-    for name in order:
+    for position in range(len(order)):
         for out in outs:
-            if name in out.touched:
-                schedule.setdefault((out.index, name.rpartition(".")[0]))
+            if not out.tensors[position].copy:
+                schedule.setdefault((out.index, out.tensors[position].layer))
     return list(schedule)
 
 
@@ -280,9 +277,11 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
                            workers=MERGE_WORKERS, ahead=MERGE_AHEAD, name="merge-compute")
 
     def write(stream: LayerStream) -> None:
-        for name in order:
+        for out in outs:
+            out.start(base, stream)
+        for position in range(len(order)):  # each tensor to every output in turn: the page cache serves the later
             for out in outs:
-                out.take(name, base, stream.take)
+                out.put(position)
 
     loras = [lora for job in jobs for lora in job.session.loras]
     started = time.perf_counter()

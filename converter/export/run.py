@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..engine import LayerStream, post_write_check, progress_counter, run_pass
+from ..engine import LayerStream, TensorFeed, post_write_check, progress_counter, run_pass
 from ..errors import ExportError
 from ..lorafile import LoraSpec
 from ..naming import human_bytes
@@ -177,24 +177,17 @@ def computed_layers(shards: list[Shard]) -> list[str]:
 
 def write_shards(base, shards: list[Shard], folder: AtomicFolder, compute: Callable[[str], dict],
                  progress: Callable[[int], None] | None) -> bool:
-    """Every shard through its own streaming writer, one after the other; a layer's tensors are taken from
-    `compute` when its first computed tensor comes up and its other tensors wait (one layer, plus a few tiny
-    ones moved to a shard's end). Returns whether every byte went through O_DIRECT."""
-    pending: dict = {}
-    done: set[str] = set()
+    """Every shard through its own streaming writer, one after the other, fed by one TensorFeed (a layer's
+    tensors wait for their turn: one layer, plus a few tiny ones moved to a shard's end). Returns whether every
+    byte went through O_DIRECT."""
+    feed = TensorFeed(base, compute)
     direct = True
     for shard in shards:
         specs = [OutSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
         writer = StreamingWriter(folder.path(shard.file), specs, SHARD_METADATA, progress=progress)
         try:
             for tensor in shard.tensors:
-                if tensor.copy or tensor.byte_range is not None:
-                    writer.copy_tensor(tensor.name, base, tensor.source, tensor.byte_range)
-                    continue
-                if tensor.layer not in done:
-                    pending.update(compute(tensor.layer))
-                    done.add(tensor.layer)
-                writer.write_tensor(tensor.name, pending.pop(tensor.name))
+                feed.put(writer, tensor)
             writer.finish(check=lambda tmp: post_write_check(tmp, specs, SHARD_METADATA))
             writer.publish()
         except BaseException:

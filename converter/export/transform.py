@@ -12,7 +12,8 @@ import torch
 from .. import dtypes
 from ..errors import ExportError
 from ..layers import MergeContext, kind_of, merge_layer
-from .tree import ExportTree, OutTensor
+from ..engine import OutTensor
+from .tree import ExportTree
 
 if TYPE_CHECKING:
     from ..layout import Layer

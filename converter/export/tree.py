@@ -20,29 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine import OutTensor
 from ..errors import ExportError
 from ..layers import kind_of
 from ..layout import DiffusersPart, Layer
 from ..naming import natural
-from ..st_writer import OutSpec
 
 __all__ = ["ExportError", "ExportTree", "OutTensor", "TreeBuilder", "export_tree"]
-
-
-@dataclass(frozen=True)
-class OutTensor(OutSpec):
-    """One tensor of the export. `op` names how its layer kind makes it from `source` (LayerKind.export_tensor);
-    `copy` means the bytes of `source` in the base, unchanged (no op, no dtype change, not rewritten by the
-    merge)."""
-
-    layer: str | None = None  # checkpoint layer whose transform computes it
-    source: str | None = None  # base tensor (None: synthesized ones)
-    op: str = "same"
-    rows: tuple[int, int] | None = None  # the diffusers part's rows of the layer's output
-    copy: bool = True
-    # bytes [start, stop) of `source` in the base are this tensor (a cut of whole rows the merge leaves alone):
-    # written by a file copy, never read into memory
-    byte_range: tuple[int, int] | None = None
 
 
 @dataclass

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapters import Adapter
+    from ..engine import OutTensor
     from ..export.transform import LayerSources
-    from ..export.tree import OutTensor, TreeBuilder
+    from ..export.tree import TreeBuilder
     from ..model import Model
     from ..planner import LayerOp, Plan
     from ..st_reader import Checkpoint, TensorInfo

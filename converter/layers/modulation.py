@@ -16,8 +16,9 @@ from .base import LayerKind, count_layers, is_qweight, keep_freed_memory
 if TYPE_CHECKING:
     import torch
 
+    from ..engine import OutTensor
     from ..export.transform import LayerSources
-    from ..export.tree import OutTensor, TreeBuilder
+    from ..export.tree import TreeBuilder
     from ..planner import LayerOp, Plan
     from ..st_reader import TensorInfo
     from . import MergeContext, VerifyContext
