@@ -30,7 +30,7 @@ import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
 
-from .errors import (CodecError, FileError, MergeError, ShapeMismatch, UnknownFamily, UnmappedKeys,
+from .errors import (CodecError, ExportError, FileError, MergeError, ShapeMismatch, UnknownFamily, UnmappedKeys,
                      UnsupportedFormat, VerifyFailed)
 from .layout import SVD_RANK
 
@@ -48,7 +48,7 @@ MAX_SHARD_SIZE = "5GB"  # the default of export_diffusers' `max_shard_size` (--m
 Lora = Union["LoraSpec", str, os.PathLike, tuple]
 Progress = Callable[[int, int, str], None]
 # public names that live in modules the console script need not load to start (headers, the export)
-_ELSEWHERE = {"LoraSpec": "lorapaths", "ExportError": "export.tree"}
+_ELSEWHERE = {"LoraSpec": "lorapaths"}
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ for it; the CLI prints `error: <message>` (one line, never a traceback). Any oth
     ├─ UnsupportedFormat 2  a LoRA holds something this version cannot merge
     ├─ ShapeMismatch     2  a LoRA's shapes do not fit the base's layer
     ├─ CodecError        2  a packed tensor that cannot be read
-    ├─ ExportError       2  a base that cannot be exported for diffusers (converter.export)
+    ├─ ExportError       2  a base that cannot be exported for diffusers (`export_diffusers`)
     ├─ UnmappedKeys      3  LoRA keys with no target in the base (allow_unmapped merges the rest)
     └─ VerifyFailed      4  `verify(..., check=True)`: a layer or the loader contract out of tolerance
 """
@@ -58,6 +58,10 @@ class UnmappedKeys(MergeError):
 
 class CodecError(MergeError):
     """A packed tensor that cannot be unpacked."""
+
+
+class ExportError(MergeError):
+    """A checkpoint or request the diffusers export cannot serve (exit code 2, one line, nothing written)."""
 
 
 class VerifyFailed(MergeError):

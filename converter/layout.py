@@ -5,7 +5,6 @@ without importing anything that imports `mappings` back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol
 
 if TYPE_CHECKING:
@@ -26,18 +25,74 @@ def round16(n: int) -> int:
 MODULATION_MODES = ("calibrated", "requant", "biasfold", "skip")
 
 
-class Layout(str, Enum):
-    """How a layer's weight is stored in the checkpoint."""
+class _Registry(type):
+    """Iterating the Layout class gives its members, in the order declared (as an Enum's does)."""
 
-    SVDQ_INT4 = "svdq-int4"
-    SVDQ_NVFP4 = "svdq-nvfp4"
-    AWQ_W4A16 = "awq-w4a16"
-    DENSE = "dense"  # plain 16-bit nn.Linear
-    VECTOR = "vector"  # a 1-D parameter such as a norm weight
+    def __iter__(cls):
+        return iter(tuple(cls._members.values()))
+
+    def __len__(cls) -> int:
+        return len(cls._members)
+
+
+class Layout(str, metaclass=_Registry):
+    """How a layer's weight is stored in the checkpoint: a small registry, so that a new storage layout is declared
+    where its layer kind and codec are (a Python Enum cannot gain members). A member is its value as a string
+    (`Layout.SVDQ_INT4 == "svdq-int4"`), has a `name` and `value` as an Enum member has, and the facts of the
+    layout: `is_svdq` (a W4A4 layer with the checkpoint's uniform low-rank branch) and `group_size` (inputs per
+    quantization scale; 0: not quantized). Made by `Layout.declare`, reached as `Layout.NAME` or
+    `Layout.of(value)`; `for layout in Layout` walks them in the order declared."""
+
+    name: str
+    is_svdq: bool
+    group_size: int
+    _members: ClassVar[dict[str, Layout]] = {}
+
+    def __new__(cls, value: str, name: str, is_svdq: bool = False, group_size: int = 0) -> Layout:
+        member = super().__new__(cls, value)
+        member.name, member.is_svdq, member.group_size = name, is_svdq, group_size
+        return member
+
+    @classmethod
+    def declare(cls, name: str, value: str, *, is_svdq: bool = False, group_size: int = 0) -> Layout:
+        """A new member `Layout.<name>` (an error if the name or the value is taken)."""
+        if name in cls._members or hasattr(cls, name) or any(m == value for m in cls._members.values()):
+            raise ValueError(f"layout {name} ({value}) is declared twice")
+        member = cls(value, name, is_svdq, group_size)
+        cls._members[name] = member
+        setattr(cls, name, member)
+        return member
+
+    @classmethod
+    def forget(cls, member: Layout) -> None:
+        """Take a member out again (a test that declared one cleans up with it)."""
+        del cls._members[member.name]
+        delattr(cls, member.name)
+
+    @classmethod
+    def of(cls, value: str) -> Layout:
+        for member in cls._members.values():
+            if member == value:
+                return member
+        raise ValueError(f"no layout {value!r}")
 
     @property
-    def is_svdq(self) -> bool:
-        return self in (Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)
+    def value(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Layout.{self.name}"
+
+    def __reduce__(self):
+        return Layout.of, (self.value,)
+
+
+# the layouts of Nunchaku checkpoints; their layer kinds are converter/layers/, their codecs converter/codecs/
+Layout.SVDQ_INT4 = Layout.declare("SVDQ_INT4", "svdq-int4", is_svdq=True, group_size=64)
+Layout.SVDQ_NVFP4 = Layout.declare("SVDQ_NVFP4", "svdq-nvfp4", is_svdq=True, group_size=16)
+Layout.AWQ_W4A16 = Layout.declare("AWQ_W4A16", "awq-w4a16", group_size=AWQ_GROUP)
+Layout.DENSE = Layout.declare("DENSE", "dense")  # plain 16-bit nn.Linear
+Layout.VECTOR = Layout.declare("VECTOR", "vector")  # a 1-D parameter such as a norm weight
 
 
 @dataclass(frozen=True)
@@ -76,6 +131,15 @@ def split_rows(layer: Layer, names: tuple[str, ...]) -> dict[str, list[Segment]]
     return {c: [Segment(layer.prefix, i * n, 0, n, c)] for i, c in enumerate(names)}
 
 
+def split_modules(layer: Layer, suffix: str, modules: tuple[tuple[str, str], ...]) -> dict[str, list[Segment]]:
+    """The modules a fused layer's rows are, as a family declares them once for the LoRA's names and diffusers'
+    alike: `modules` = (component, module name after the block) in row order, equal parts; the layer's prefix is
+    the block's followed by `suffix`. {module's full name: its segments}."""
+    parent = layer.prefix[: -len(suffix)] + "."
+    segments = split_rows(layer, tuple(component for component, _ in modules))
+    return {parent + module: segments[component] for component, module in modules}
+
+
 def fused_over(layers: list[Layer], names: tuple[str, ...]) -> list[Segment]:
     """A fused LoRA module (e.g. qkv) whose row parts land on separate layers."""
     out, start = [], 0
@@ -93,6 +157,12 @@ class DiffusersPart:
     name: str
     start: int
     stop: int
+
+    @classmethod
+    def of(cls, name: str, segments: list[Segment]) -> DiffusersPart:
+        """The module `name` that is the rows of `segments` (one range) of its layer."""
+        (segment,) = segments
+        return cls(name, segment.target_start, segment.target_start + segment.rows)
 
 
 class RowOrder(Protocol):

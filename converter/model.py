@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from mappings import FAMILIES
 
 from .errors import MergeError, UnknownFamily
+from .layers import detect_layer
 from .layout import Family, Layer, Layout
 from .lorafile import lora_key_example
-from .st_reader import Checkpoint, TensorInfo
+from .st_reader import Checkpoint
 
 
 @dataclass
@@ -35,45 +36,14 @@ class Model:
         return sum((l.in_features + l.out_features) * 2 for l in self.layers.values() if l.layout.is_svdq)
 
 
-def _quantized_layer(path: str, t: dict[str, TensorInfo], prefix: str, qweight: TensorInfo) -> Layer | None:
-    bias = f"{prefix}.bias" in t
-    if qweight.dtype in ("I8", "I32"):
-        parts = {p: t.get(f"{prefix}.{p}") for p in ("qweight", "proj_down", "proj_up", "wscales", "wzeros")}
-        flat = [f"{p} {i.shape}" for p, i in parts.items() if i is not None and p != "wscales" and len(i.shape) != 2]
-        if flat:
-            raise MergeError(f"{path}: quantized layer {prefix} has {', '.join(flat)}: not a matrix")
-    if qweight.dtype == "I8":
-        down, up = t.get(f"{prefix}.proj_down"), t.get(f"{prefix}.proj_up")
-        ws = t.get(f"{prefix}.wscales")
-        if down is None or up is None or ws is None:
-            raise MergeError(f"{path}: SVDQ layer {prefix} lacks proj_down/proj_up/wscales")
-        layout = Layout.SVDQ_NVFP4 if ws.dtype.startswith("F8") else Layout.SVDQ_INT4
-        o, i = qweight.shape[0], qweight.shape[1] * 2
-        if down.shape != (i, down.shape[1]) or up.shape != (o, down.shape[1]):
-            raise MergeError(f"{path}: {prefix} has inconsistent proj_down/proj_up shapes")
-        return Layer(prefix, layout, i, o, bias, rank=down.shape[1], dtype=down.dtype)
-    if qweight.dtype == "I32":
-        ws = t.get(f"{prefix}.wscales")
-        if ws is None or f"{prefix}.wzeros" not in t:
-            raise MergeError(f"{path}: AWQ layer {prefix} lacks wscales/wzeros")
-        return Layer(prefix, Layout.AWQ_W4A16, qweight.shape[1] * 2, qweight.shape[0] * 4, bias, dtype=ws.dtype)
-    return None
-
-
 def inventory(ckpt: Checkpoint) -> dict[str, Layer]:
-    """Group the checkpoint's tensors into layers."""
-    t = ckpt.tensors
+    """Group the checkpoint's tensors into layers: each layer kind tells the layers of its layouts
+    (`LayerKind.detect`)."""
     layers: dict[str, Layer] = {}
-    for name, info in t.items():
-        prefix, _, part = name.rpartition(".")
-        if part == "qweight":
-            layer = _quantized_layer(ckpt.path, t, prefix, info)
-            if layer is not None:
-                layers[prefix] = layer
-        elif part == "weight" and info.dtype in ("BF16", "F16", "F32") and len(info.shape) in (1, 2):
-            layout = Layout.DENSE if len(info.shape) == 2 else Layout.VECTOR
-            layers[prefix] = Layer(prefix, layout, info.shape[-1], info.shape[0], f"{prefix}.bias" in t,
-                                   dtype=info.dtype)
+    for name in ckpt.tensors:
+        layer = detect_layer(ckpt.path, ckpt.tensors, name)
+        if layer is not None:
+            layers[layer.prefix] = layer
     return layers
 
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import __version__, interrupts
+from . import __version__
+from .engine import LayerStream, OutTensor, TensorFeed, post_write_check, progress_counter, run_pass
 from .errors import MergeError
 from .layers import MergeContext, merge_layer
 from .lorafile import LoraFile, LoraSpec, open_lora
 from .model import Model, load_model
 from .naming import counted, natural
 from .planner import SVD_RANK, Plan, build_plan, updated_metadata
+from .prefetch import InOrder
 from .st_reader import Checkpoint
 from .st_writer import OutSpec, StreamingWriter, header_bytes
 
@@ -101,6 +102,15 @@ def output_specs(plan: Plan, base: Checkpoint, order: list[str]) -> list[OutSpec
     return [OutSpec(n, base.tensors[n].dtype, plan.out_shape(n, base.tensors[n].shape)) for n in order]
 
 
+def merge_description(plan: Plan, base: Checkpoint, order: list[str]) -> list[OutTensor]:
+    """The merged file's tensors (engine.OutTensor), in `order`: each base tensor under its name, copied, or, where
+    the plan rewrites it, as its layer kind makes it ("merged")."""
+    touched = plan.touched_keys()
+    return [OutTensor(spec.name, spec.dtype, spec.shape, spec.name.rpartition(".")[0], spec.name, "merged",
+                      copy=spec.name not in touched)
+            for spec in output_specs(plan, base, order)]
+
+
 HASH_PLACEHOLDER = "0" * 64  # same width as a sha256: the header is patched once the hashes are known
 
 
@@ -144,16 +154,6 @@ def planned_output_bytes(base: Checkpoint, jobs: list[Job]) -> list[int]:
     return sizes
 
 
-def post_write_check(path: str, specs: list[OutSpec], meta: dict[str, str]) -> None:
-    """Re-open what was written: same key set, dtypes, shapes and metadata as planned."""
-    with Checkpoint(path) as c:
-        got = {n: (i.dtype, i.shape) for n, i in c.tensors.items()}
-        want = {s.name: (s.dtype, s.shape) for s in specs}
-        if got != want or c.metadata != meta:
-            raise MergeError("the written file does not match the plan (disk full or a concurrent writer?); "
-                             "nothing was written")
-
-
 # -- the device -------------------------------------------------------------------------------------------------
 def heavy_layers(plans: list[Plan]) -> list[str]:
     """What in the plans is heavy per-layer maths (a GPU pays off): modulation requantization, dense updates."""
@@ -192,114 +192,101 @@ class Job:
 
 
 class _Output:
-    """One job's state during the pass: the declared tensors, its writer, and a changed layer's computed
-    tensors until they are written."""
+    """One job's output during the pass (an engine Sink): the declared tensors, its writer, and a changed layer's
+    computed tensors until they are written."""
 
-    def __init__(self, job: Job, base: Checkpoint, order: list[str]):
-        self.job, self.plan = job, job.session.plan
-        self.specs = output_specs(self.plan, base, order)
-        self.touched = self.plan.touched_keys()
-        for lf in job.session.loras:
-            lf.hash_in_background()
+    def __init__(self, index: int, job: Job, base: Checkpoint, order: list[str]):
+        self.index, self.job, self.plan = index, job, job.session.plan
+        self.tensors = merge_description(self.plan, base, order)
+        self.specs = [OutSpec(tensor.name, tensor.dtype, tensor.shape) for tensor in self.tensors]
         self.meta = updated_metadata(self.plan, provenance(job.session, final=False, out_path=job.out_path))
         self.writer: StreamingWriter | None = None
-        self.pending: dict[str, dict] = {}
-        self.computed: set[str] = set()  # layers already computed (once each, even when nothing came of it)
+        self.progress: Callable[[int], None] | None = None
+        self.feed: TensorFeed | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(sp.nbytes for sp in self.specs)
 
-    def take(self, name: str, base: Checkpoint, compute: Callable[[_Output, str], dict]) -> None:
-        """Hand tensor `name` to the writer: copied, or computed with its layer (once per layer)."""
-        if name not in self.touched:  # copied in the kernel where it can; the page cache serves later jobs
-            self.writer.copy_tensor(name, base)
-            return
-        prefix = name.rpartition(".")[0]
-        if prefix not in self.computed:
-            self.computed.add(prefix)
-            self.pending[prefix] = compute(self, prefix)
-        t = self.pending.get(prefix, {}).pop(name, None)
-        if t is None:
-            self.writer.copy_tensor(name, base)  # e.g. a modulation layer kept as it was
-        else:
-            self.writer.write_tensor(name, t)
-        if prefix in self.pending and not self.pending[prefix]:
-            del self.pending[prefix]
+    def open(self) -> None:
+        self.job.session.records = []
+        self.writer = StreamingWriter(self.job.out_path, self.specs, self.meta, progress=self.progress)
+
+    def start(self, base: Checkpoint, stream: LayerStream) -> None:
+        self.feed = TensorFeed(base, lambda prefix: stream.take((self.index, prefix)))
+
+    def put(self, position: int) -> None:
+        """Hand the tensor at `position` of the output order to the writer."""
+        self.feed.put(self.writer, self.tensors[position])
 
     def finish(self) -> None:
         self.meta = updated_metadata(self.plan, provenance(self.job.session, out_path=self.job.out_path))
         self.writer.patch_metadata(self.meta)
         self.writer.finish(check=lambda tmp: post_write_check(tmp, self.specs, self.meta))
 
+    def publish(self) -> None:
+        self.writer.publish(replace=self.job.replace)
 
-def progress_counter(opts: Options, total: int) -> Callable[[int], None]:
-    """A writer callback that adds up the bytes written and reports them to opts.progress."""
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        if opts.progress:
-            opts.progress(done[0], total, "")
-
-    return step
-
-
-def check_inputs_unchanged(base: Checkpoint, loras: list) -> None:
-    """What was read must be what the output vouches for (and hashed): the inputs unchanged since they were
-    opened, checked after the last read."""
-    for checkpoint in [base] + [lora.ckpt for lora in loras]:
-        checkpoint.check_unchanged()
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def execute(s: Session, out_path: str, opts: Options) -> dict:
     return execute_many(s.base, [Job(s, out_path)], opts)[0]
 
 
+def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, str]]:
+    """(output index, layer) of every layer computation, in the order the writer needs them (the order a pass
+    that computed each layer when its first tensor came up would compute them in)."""
+    schedule: dict[tuple[int, str], None] = {}
+    for position in range(len(order)):
+        for out in outs:
+            if not out.tensors[position].copy:
+                schedule.setdefault((out.index, out.tensors[position].layer))
+    return list(schedule)
+
+
+# layers computed or under way before the writer takes them: the next layer is computed while the writer copies
+# the tensors before it; one worker, so that a modulation layer's ~1 GB of temporaries exists once at a time and
+# the process-wide torch thread setting of the per-layer maths is the one a sequential pass has (prefetch.py)
+MERGE_AHEAD, MERGE_WORKERS = 2, 1
+
+
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
-    """Stream the base once; every job gets each tensor either copied byte for byte or transformed.
-    All outputs are committed only if every job succeeded; on any failure no output file is left."""
+    """Stream the base once (engine.run_pass); every job gets each tensor either copied byte for byte or
+    transformed. The changed layers are computed on a worker thread ahead of the writer, in the order the writer
+    needs them. All outputs are committed only if every job succeeded; on any failure no output file is left."""
     paths = [os.path.abspath(j.out_path) for j in jobs]
     if len(set(paths)) != len(paths):
         raise MergeError("two outputs of one batch have the same path")
     order = output_order(base, [j.session.plan for j in jobs])
-    outs = [_Output(j, base, order) for j in jobs]
-    step = progress_counter(opts, sum(o.nbytes for o in outs))
+    outs = [_Output(index, job, base, order) for index, job in enumerate(jobs)]
+    step = progress_counter(opts.progress, sum(o.nbytes for o in outs))
+    for out in outs:
+        out.progress = step
     device, why = pick_device(opts.device, [j.session.plan for j in jobs])
-    ctx: list[MergeContext] = []  # made (and torch imported) when the first changed layer comes up
 
-    def compute(o: _Output, prefix: str) -> dict:
-        if not ctx:
-            ctx.append(MergeContext(base, jobs[0].session.model, device))
-        return merge_layer(ctx[0], o.plan, prefix, o.job.session.records)
+    def compute(key: tuple[int, str], in_order: InOrder, context: Callable[[], MergeContext]) -> dict:
+        index, prefix = key
+        with in_order():
+            return merge_layer(context(), outs[index].plan, prefix, outs[index].job.session.records)
 
-    t0 = time.perf_counter()
-    # everything long-lived exists now; the loop below allocates many short-lived objects, and full
-    # collections would keep walking the plan and headers (measured ~3% of a merge)
-    gc.freeze()
-    try:
-        for o in outs:
-            o.job.session.records = []
-            o.writer = StreamingWriter(o.job.out_path, o.specs, o.meta, progress=step)
-        for name in order:
-            for o in outs:
-                o.take(name, base, compute)
-        for o in outs:
-            o.finish()
-        check_inputs_unchanged(base, [lora for job in jobs for lora in job.session.loras])
-        with interrupts.deferred():  # a signal now waits until every output is in place: all or nothing
-            for o in outs:
-                o.writer.publish(replace=o.job.replace)
-    except BaseException:
-        for o in outs:
-            if o.writer is not None:
-                o.writer.abort()
-        raise
-    finally:
-        if ctx:
-            ctx[0].close()
-        gc.unfreeze()
-    secs = round(time.perf_counter() - t0, 3)
+    def layers() -> LayerStream:
+        return LayerStream(base, jobs[0].session.model, device, compute_schedule(order, outs), compute,
+                           workers=MERGE_WORKERS, ahead=MERGE_AHEAD, name="merge-compute")
+
+    def write(stream: LayerStream) -> None:
+        for out in outs:
+            out.start(base, stream)
+        for position in range(len(order)):  # each tensor to every output in turn: the page cache serves the later
+            for out in outs:
+                out.put(position)
+
+    loras = [lora for job in jobs for lora in job.session.loras]
+    started = time.perf_counter()
+    run_pass([base] + [lora.ckpt for lora in loras], loras, outs, layers, write)
+    secs = round(time.perf_counter() - started, 3)
     return [{"seconds": secs, "output": o.job.out_path, "output_bytes": os.path.getsize(o.job.out_path),
              "write_mode": "direct" if o.writer.direct else "buffered", "device": device, "device_reason": why}
             for o in outs]

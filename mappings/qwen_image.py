@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from converter.layout import Family, Layer, Segment, split_rows, whole
+from converter.layout import Family, Layer, Segment, split_modules, whole
 from converter.layout import DiffusersPart, Layout
 
 if TYPE_CHECKING:
@@ -18,12 +18,21 @@ if TYPE_CHECKING:
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 MOD_SPLITS = 6  # shift, scale, gate of the attention and of the MLP
-QKV = ("q", "k", "v")
 # Nunchaku's int4 kernel adds SHIFT_GELU to the GELU output feeding `*_mlp.net.2` before quantizing it (unsigned
 # activations); deepcompressor's conversion cancelled the shift in that layer's bias (see activation_shift)
 SHIFT_GELU = 0.171875
-DIFFUSERS_QKV = {".attn.to_qkv": ("to_q", "to_k", "to_v"),
-                 ".attn.add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+# the fused q/k/v layers and the modules their rows are, in order: (component, module name in the block), the names
+# LoRAs and diffusers' QwenImageTransformer2DModel both use
+FUSED_QKV = {".attn.to_qkv": (("q", "attn.to_q"), ("k", "attn.to_k"), ("v", "attn.to_v")),
+             ".attn.add_qkv_proj": (("q", "attn.add_q_proj"), ("k", "attn.add_k_proj"), ("v", "attn.add_v_proj"))}
+
+
+def fused_qkv(layer: Layer) -> dict[str, list[Segment]] | None:
+    """{module's full name: its rows} of a fused q/k/v layer; None for any other layer."""
+    for suffix, modules in FUSED_QKV.items():
+        if layer.prefix.endswith(suffix):
+            return split_modules(layer, suffix, modules)
+    return None
 
 
 class ModulationInterleave:
@@ -66,10 +75,9 @@ class QwenImage(Family):
 
     def diffusers_parts(self, layer: Layer) -> list[DiffusersPart]:
         """diffusers' attention calls to_q/to_k/to_v (add_q/k/v_proj) separately: the fused rows split in thirds."""
-        for suffix, names in DIFFUSERS_QKV.items():
-            if layer.prefix.endswith(suffix):
-                attn, n = layer.prefix[: -len(suffix)] + ".attn.", layer.out_features // 3
-                return [DiffusersPart(attn + c, i * n, (i + 1) * n) for i, c in enumerate(names)]
+        fused = fused_qkv(layer)
+        if fused is not None:
+            return [DiffusersPart.of(name, segments) for name, segments in fused.items()]
         return [DiffusersPart(layer.prefix, 0, layer.out_features)]
 
     def activation_shift(self, layer: Layer) -> float:
@@ -97,27 +105,21 @@ class QwenImage(Family):
         attention mixes them), so deepcompressor folds the smoothing into those V rows."""
         if not prefix.endswith((".attn.to_out.0", ".attn.to_add_out")):
             return None
-        attn = prefix.rsplit(".attn.", 1)[0] + ".attn."
+        block = prefix.rsplit(".attn.", 1)[0]
         out = []
-        for fused in ("to_qkv", "add_qkv_proj"):
-            layer = layers.get(attn + fused)
+        for fused, modules in FUSED_QKV.items():
+            layer = layers.get(block + fused)
             if layer is None:
                 return None
-            d = layer.out_features // 3
-            out.append(Segment(layer.prefix, 2 * d, 0, d, "v"))
+            out += fused_qkv(layer)[f"{block}.{modules[-1][1]}"]  # the V rows
         return out
 
     def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
         targets = {p: whole(l) for p, l in layers.items()}
         for p, l in layers.items():
-            if p.endswith(".attn.to_qkv"):
-                base = p[: -len("to_qkv")]
-                for c, segs in split_rows(l, QKV).items():
-                    targets[f"{base}to_{c}"] = segs
-            elif p.endswith(".attn.add_qkv_proj"):
-                base = p[: -len("add_qkv_proj")]
-                for c, segs in split_rows(l, QKV).items():
-                    targets[f"{base}add_{c}_proj"] = segs
+            fused = fused_qkv(l)
+            if fused is not None:
+                targets.update(fused)
             elif p.endswith(".attn.to_out.0"):
                 targets.setdefault(p[:-2], whole(l))  # `attn.to_out` (no `.0`) seen in some trainers
         return targets

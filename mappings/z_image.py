@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import re
 
-from converter.layout import Family, Layer, Segment, fused_over, split_rows, whole
+from converter.layout import Family, Layer, Segment, fused_over, split_modules, whole
 from converter.layout import DiffusersPart
 
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.")
-GLU = ("w3", "w1")  # row order of feed_forward.net.0.proj
-# diffusers' ZImageTransformerBlock keeps w1/w2/w3 and to_q/to_k/to_v apart, all without a bias
-DIFFUSERS_SPLITS = {".attention.to_qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
-                    ".feed_forward.net.0.proj": ("feed_forward.w3", "feed_forward.w1"),
-                    ".feed_forward.net.2": ("feed_forward.w2",)}
+# a block's fused layers and the modules their rows are, in order: (component, module name in the block), the names
+# LoRAs and diffusers' ZImageTransformerBlock both use (it keeps w1/w2/w3 and to_q/to_k/to_v apart, all without a
+# bias); feed_forward.net.0.proj = [w3; w1]
+FUSED = {".attention.to_qkv": (("q", "attention.to_q"), ("k", "attention.to_k"), ("v", "attention.to_v")),
+         ".feed_forward.net.0.proj": (("w3", "feed_forward.w3"), ("w1", "feed_forward.w1")),
+         ".feed_forward.net.2": (("", "feed_forward.w2"),)}
 DIFFUSERS_NO_BIAS = (".attention.to_q", ".attention.to_k", ".attention.to_v", ".attention.to_out.0")
 
 # names that ComfyUI / the original Z-Image code use for the same layers
@@ -28,6 +29,14 @@ ALIASES = {
     "final_layer.linear": "all_final_layer.2-1.linear",
     "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
 }
+
+
+def fused_modules(layer: Layer) -> dict[str, list[Segment]] | None:
+    """{module's full name: its rows} of a block's fused layer (FUSED); None for any other layer."""
+    for suffix, modules in FUSED.items():
+        if layer.prefix.endswith(suffix):
+            return split_modules(layer, suffix, modules)
+    return None
 
 
 class ZImage(Family):
@@ -55,8 +64,7 @@ class ZImage(Family):
         layer = layers.get(prefix[: -len("to_out.0")] + "to_qkv")
         if layer is None:
             return None
-        d = layer.out_features // 3
-        return [Segment(layer.prefix, 2 * d, 0, d, "v")]
+        return fused_modules(layer)[prefix[: -len("to_out.0")] + "to_v"]
 
     # diffusers' ZImageTransformer2DModel (transformer_z_image.py): its __init__ arguments
     diffusers_class = "ZImageTransformer2DModel"
@@ -71,11 +79,9 @@ class ZImage(Family):
         p = layer.prefix
         if not _BLOCK.match(p):
             return [DiffusersPart(p, 0, layer.out_features)]
-        for suffix, names in DIFFUSERS_SPLITS.items():
-            if p.endswith(suffix):
-                block, n = p[: -len(suffix)] + ".", layer.out_features // len(names)
-                parts = [DiffusersPart(block + c, i * n, (i + 1) * n) for i, c in enumerate(names)]
-                return None if layer.has_bias else parts
+        fused = fused_modules(layer)
+        if fused is not None:
+            return None if layer.has_bias else [DiffusersPart.of(name, segments) for name, segments in fused.items()]
         if p.endswith(DIFFUSERS_NO_BIAS) and layer.has_bias:
             return None
         return [DiffusersPart(p, 0, layer.out_features)]
@@ -86,22 +92,16 @@ class ZImage(Family):
             if not _BLOCK.match(p):
                 continue
             if p.endswith(".attention.to_qkv"):
-                base = p[: -len("to_qkv")]
-                for c, segs in split_rows(l, ("q", "k", "v")).items():
-                    targets[f"{base}to_{c}"] = segs
-                targets[f"{base}qkv"] = whole(l)
+                targets.update(fused_modules(l))
+                targets[p[: -len("to_qkv")] + "qkv"] = whole(l)
             elif p.endswith(".attention.to_q") and p[:-1] + "k" in layers and p[:-1] + "v" in layers:
                 base = p[: -len("to_q")]  # skip_refiners: separate bf16 q/k/v; a fused LoRA spreads over them
                 targets[f"{base}qkv"] = fused_over([layers[base + "to_q"], layers[base + "to_k"], layers[base + "to_v"]],
                                                    ("q", "k", "v"))
             elif p.endswith(".attention.to_out.0"):
                 targets[p[: -len("to_out.0")] + "out"] = whole(l)
-            elif p.endswith(".feed_forward.net.0.proj"):
-                base = p[: -len("net.0.proj")]
-                for c, segs in split_rows(l, GLU).items():
-                    targets[base + c] = segs
-            elif p.endswith(".feed_forward.net.2"):
-                targets[p[: -len("net.2")] + "w2"] = whole(l)
+            elif p.endswith((".feed_forward.net.0.proj", ".feed_forward.net.2")):
+                targets.update(fused_modules(l))
             elif p.endswith((".attention.norm_q", ".attention.norm_k")):
                 targets[p[:-len("norm_q")] + ("q_norm" if p.endswith("q") else "k_norm")] = whole(l)
         for alias, real in ALIASES.items():

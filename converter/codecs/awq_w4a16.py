@@ -101,7 +101,6 @@ class AwqW4A16Layer(LayerCodec, layout=Layout.AWQ_W4A16):
 
     weight_parts = ("qweight", "wscales", "wzeros")
     required_parts = weight_parts
-    group_size = GROUP
 
     @classmethod
     def logical_shape(cls, qweight: torch.Tensor) -> tuple[int, int]:

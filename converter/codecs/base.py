@@ -51,7 +51,7 @@ class LayerCodec:
     """A quantized layer layout; subclasses register with `class X(LayerCodec, layout=Layout.…)`.
 
     `weight_parts`: the stored tensors of the quantized weight (what a LoRA merge never changes, for SVDQ);
-    `group_size`: input channels per scale."""
+    `group_size`: input channels per scale (the layout's `group_size`)."""
 
     layout: ClassVar[Layout]
     weight_parts: ClassVar[tuple[str, ...]] = ()
@@ -63,6 +63,7 @@ class LayerCodec:
         if layout is not None:
             require(layout not in LAYER_CODECS, f"layer codec {layout} registered twice")
             cls.layout = layout
+            cls.group_size = layout.group_size  # the layout's fact (layout.py), not restated here
             LAYER_CODECS[layout] = cls
 
     @classmethod

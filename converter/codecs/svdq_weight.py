@@ -98,13 +98,13 @@ class _SvdqLayer(LayerCodec):
 
 
 class SvdqInt4Layer(_SvdqLayer, layout=Layout.SVDQ_INT4):
-    codes, scales, group_size = SvdqQWeightInt4, WScalesInt4, 64
+    codes, scales = SvdqQWeightInt4, WScalesInt4
 
 
 class SvdqNvfp4Layer(_SvdqLayer, layout=Layout.SVDQ_NVFP4):
     """e2m1 codes, fp8 micro-scales per 16 inputs, then the per-tensor wtscale and per-channel wcscales."""
 
-    codes, scales, group_size = SvdqQWeightNvfp4, WScalesNvfp4, 16
+    codes, scales = SvdqQWeightNvfp4, WScalesNvfp4
 
     @classmethod
     def _values(cls, codes: torch.Tensor) -> torch.Tensor:

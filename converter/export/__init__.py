@@ -8,4 +8,4 @@ diffusers component folder that the stock diffusers model class loads.
 
 from .folder import parse_size  # noqa: F401
 from .run import ExportOptions, export_diffusers, plan_export, render_export  # noqa: F401
-from .tree import ExportError  # noqa: F401
+from ..errors import ExportError  # noqa: F401

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 
 from ..dtypes import TORCH_NAMES
-from ..layout import AWQ_GROUP  # not validated by diffusers, but its AWQ kernels are hard-wired to it
-from .tree import ExportError, ExportTree
+from ..errors import ExportError
+from ..layout import Layout
+from .tree import ExportTree
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose Nunchaku Lite contract the export follows
 PRECISIONS = {"int4": "int4", "fp4_e2m1_all": "nvfp4"}  # nunchaku's quantization_config.weight.dtype -> diffusers'
-SVDQ_GROUP = {"int4": 64, "nvfp4": 16}  # diffusers refuses any other (quantization_config.py post_init)
+# the layout of each precision, whose group size diffusers checks (quantization_config.py post_init refuses others)
+SVDQ_LAYOUTS = {"int4": Layout.SVDQ_INT4, "nvfp4": Layout.SVDQ_NVFP4}
 
 
 def precision(model) -> str:
@@ -31,9 +33,10 @@ def precision(model) -> str:
 def quantization_config(model, tree: ExportTree, rank: int) -> dict:
     prec = precision(model)
     qc = {"quant_method": "nunchaku_lite", "compute_dtype": TORCH_NAMES[tree.compute_dtype],
-          "svdq_w4a4": {"precision": prec, "group_size": SVDQ_GROUP[prec], "rank": rank, "targets": tree.svdq_targets}}
-    if tree.awq_targets:
-        qc["awq_w4a16"] = {"precision": "int4", "group_size": AWQ_GROUP, "targets": tree.awq_targets}
+          "svdq_w4a4": {"precision": prec, "group_size": SVDQ_LAYOUTS[prec].group_size, "rank": rank,
+                        "targets": tree.svdq_targets}}
+    if tree.awq_targets:  # its group size is not checked by diffusers, but its AWQ kernels are hard-wired to it
+        qc["awq_w4a16"] = {"precision": "int4", "group_size": Layout.AWQ_W4A16.group_size, "targets": tree.awq_targets}
     return qc
 
 

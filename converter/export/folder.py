@@ -12,8 +12,9 @@ import tempfile
 from dataclasses import dataclass
 
 from .. import interrupts
+from ..engine import OutTensor
+from ..errors import ExportError
 from ..tempfiles import UMASK, lock_temp, own_temp_prefix, remove_stale_temps
-from .tree import ExportError, OutTensor
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers utils/constants.py
 INDEX_NAME = WEIGHTS_NAME + ".index.json"

@@ -4,24 +4,23 @@ then the changed and transformed layers one at a time, shard after shard, into a
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..layers import MergeContext
+from ..engine import LayerStream, TensorFeed, post_write_check, progress_counter, run_pass
+from ..errors import ExportError
 from ..lorafile import LoraSpec
 from ..naming import human_bytes
-from ..pipeline import (Options, Session, check_inputs_unchanged, open_session, pick_device, post_write_check,
-                        progress_counter, provenance)
+from ..pipeline import Options, Session, open_session, pick_device, provenance
+from ..prefetch import InOrder
 from ..report import plan_report, render, summarize_layers
 from ..st_writer import OutSpec, StreamingWriter
 from .config import diffusers_config
 from .folder import (CONFIG_NAME, INDEX_NAME, SHARD_METADATA, AtomicFolder, Shard, check_target, index_json,
                      plan_shards)
-from .prefetch import InOrder, LayerPrefetch
-from .tree import ExportError, ExportTree, export_tree
+from .tree import ExportTree, export_tree
 
 
 @dataclass
@@ -98,50 +97,67 @@ def export_diffusers(base: str, lora_specs: list[LoraSpec], opts: Options, xo: E
     return xp.report
 
 
-def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
-    session = xp.session
-    for lora in session.loras:
-        lora.hash_in_background()
-    folder = AtomicFolder(xp.target)
-    contexts: list[MergeContext] = []
-    transformers: list = []
+class _FolderSink:
+    """The export folder as the engine's output: shards written into a temp folder, then the index and
+    config.json, renamed into place at publish."""
 
-    def compute(prefix: str, in_order: InOrder) -> dict:
+    def __init__(self, plan: ExportPlan, overwrite: bool):
+        self.plan, self.overwrite = plan, overwrite
+        self.folder: AtomicFolder | None = None
+
+    def open(self) -> None:
+        self.folder = AtomicFolder(self.plan.target)
+
+    def finish(self) -> None:
+        index = index_json(self.plan.shards)
+        if index is not None:
+            self.folder.write_json(INDEX_NAME, index)
+        # "_" keys: ignored by diffusers
+        self.folder.write_json(CONFIG_NAME, self.plan.config | {"_qwenlora_merge": provenance(self.plan.session)})
+
+    def publish(self) -> None:
+        self.folder.commit(self.overwrite)
+
+    def abort(self) -> None:
+        if self.folder is not None:
+            self.folder.abort()
+
+
+# two workers: the merge part of each layer takes turns in layer order, the export ops of two layers run at once
+EXPORT_AHEAD, EXPORT_WORKERS = 2, 2
+
+
+def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
+    session, sink = xp.session, _FolderSink(xp, xo.overwrite)
+    transformers: list = []
+    layers = computed_layers(xp.shards)
+
+    def compute(prefix: str, in_order: InOrder, context) -> dict:
         with in_order():  # the merge, one layer after the other (see LayerTransformer.merge)
             if not transformers:  # torch is imported here, once the copies are under way
                 from .transform import LayerTransformer
 
-                device = pick_device(opts.device, [session.plan])[0]
-                contexts.append(MergeContext(session.base, session.model, device))
-                transformers.append(LayerTransformer(contexts[0], session.plan, xp.tree))
+                transformers.append(LayerTransformer(context(), session.plan, xp.tree))
             merged = transformers[0].merge(prefix)
         return transformers[0].outputs_of(prefix, merged)
 
+    def stream() -> LayerStream:
+        device = pick_device(opts.device, [session.plan])[0]
+        return LayerStream(session.base, session.model, device, layers, compute, workers=EXPORT_WORKERS,
+                           ahead=EXPORT_AHEAD, name="export-compute")
+
+    direct: list[bool] = []
+
+    def write(layer_stream: LayerStream) -> None:
+        direct.append(write_shards(session.base, xp.shards, sink.folder, layer_stream.take,
+                                   progress_counter(opts.progress, xp.tree.nbytes)))
+
     started = time.perf_counter()
-    layers = computed_layers(xp.shards)
-    gc.freeze()  # as in the merge pass: full collections would keep walking the plan and the headers
-    prefetch = LayerPrefetch(layers, compute)
-    try:
-        direct = write_shards(session.base, xp.shards, folder, prefetch.take, progress_counter(opts, xp.tree.nbytes))
-        index = index_json(xp.shards)
-        if index is not None:
-            folder.write_json(INDEX_NAME, index)
-        # "_" keys: ignored by diffusers
-        folder.write_json(CONFIG_NAME, xp.config | {"_qwenlora_merge": provenance(session)})
-        check_inputs_unchanged(session.base, session.loras)
-        folder.commit(xo.overwrite)
-    except BaseException:
-        folder.abort()
-        raise
-    finally:
-        prefetch.close()  # before the context: the worker may still be computing with it
-        if contexts:
-            contexts[0].close()
-        gc.unfreeze()
+    run_pass([session.base] + [lora.ckpt for lora in session.loras], session.loras, [sink], stream, write)
     records = transformers[0].records if transformers else []
     rounded = [name for layer in layers for name in transformers[0].rounded.get(layer, [])] if transformers else []
     out = {"seconds": round(time.perf_counter() - started, 3), "output": xp.target,
-           "output_bytes": _folder_bytes(xp.target), "write_mode": "direct" if direct else "buffered",
+           "output_bytes": _folder_bytes(xp.target), "write_mode": "direct" if direct[0] else "buffered",
            "layers": records, "layers_summary": summarize_layers(records)}
     if rounded:
         xp.report["warnings"].append(f"{len(rounded)} tensors rounded to the compute dtype diffusers holds them in "
@@ -161,24 +177,17 @@ def computed_layers(shards: list[Shard]) -> list[str]:
 
 def write_shards(base, shards: list[Shard], folder: AtomicFolder, compute: Callable[[str], dict],
                  progress: Callable[[int], None] | None) -> bool:
-    """Every shard through its own streaming writer, one after the other; a layer's tensors are taken from
-    `compute` when its first computed tensor comes up and its other tensors wait (one layer, plus a few tiny
-    ones moved to a shard's end). Returns whether every byte went through O_DIRECT."""
-    pending: dict = {}
-    done: set[str] = set()
+    """Every shard through its own streaming writer, one after the other, fed by one TensorFeed (a layer's
+    tensors wait for their turn: one layer, plus a few tiny ones moved to a shard's end). Returns whether every
+    byte went through O_DIRECT."""
+    feed = TensorFeed(base, compute)
     direct = True
     for shard in shards:
         specs = [OutSpec(t.name, t.dtype, t.shape) for t in shard.tensors]
         writer = StreamingWriter(folder.path(shard.file), specs, SHARD_METADATA, progress=progress)
         try:
             for tensor in shard.tensors:
-                if tensor.copy or tensor.byte_range is not None:
-                    writer.copy_tensor(tensor.name, base, tensor.source, tensor.byte_range)
-                    continue
-                if tensor.layer not in done:
-                    pending.update(compute(tensor.layer))
-                    done.add(tensor.layer)
-                writer.write_tensor(tensor.name, pending.pop(tensor.name))
+                feed.put(writer, tensor)
             writer.finish(check=lambda tmp: post_write_check(tmp, specs, SHARD_METADATA))
             writer.publish()
         except BaseException:

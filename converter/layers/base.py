@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import statistics
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Mapping
 
+from ..errors import ExportError, MergeError
 from ..layout import Layer, Layout
 from ..naming import counted
 
@@ -19,12 +20,18 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapters import Adapter
+    from ..engine import OutTensor
+    from ..export.transform import LayerSources
+    from ..export.tree import TreeBuilder
     from ..model import Model
     from ..planner import LayerOp, Plan
-    from ..st_reader import Checkpoint
+    from ..st_reader import Checkpoint, TensorInfo
 
 KINDS: dict[Layout, type[LayerKind]] = {}
 BY_NAME: dict[str, type[LayerKind]] = {}
+# layout -> the `detect` of the kind that declared it (a kind registered later for the same layout, with no `detect`
+# of its own, takes its LoRAs differently but leaves the detection as it was)
+DETECTORS: dict[Layout, Callable[[str, Mapping[str, TensorInfo], str, str, TensorInfo], Layer | None]] = {}
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
@@ -121,8 +128,19 @@ class LayerKind:
             if layout in KINDS:
                 raise RuntimeError(f"two layer kinds for layout {layout}")
             KINDS[layout] = cls
+            if "detect" in cls.__dict__:
+                DETECTORS[layout] = cls.detect
         if layouts:
             BY_NAME[cls.name] = cls
+
+    # -- reading the header ----------------------------------------------------------------------------------
+    @classmethod
+    def detect(cls, path: str, tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo
+               ) -> Layer | None:
+        """The layer (of a layout this kind declares) that tensor `prefix.part` (`info`) of the header makes known, from
+        names, shapes and dtypes alone; None if the tensor is not the one that tells. A layer of its layout that
+        is broken is a MergeError naming `path`. A kind that declares a layout defines it."""
+        return None
 
     # -- planning --------------------------------------------------------------------------------------------
     @classmethod
@@ -170,6 +188,41 @@ class LayerKind:
         """{"ok", "problems", figures...} for `layer` of the merged file, or None when there is nothing to check."""
         raise NotImplementedError
 
+    # -- the diffusers export ---------------------------------------------------------------------------------
+    @classmethod
+    def export_outputs(cls, tree: TreeBuilder, layer: Layer, names: list[str]) -> None:
+        """Declare the export's tensors of `layer` (`names`: its tensors in the base) with `tree.add`, from the
+        headers alone. By default a 16-bit layer's: each diffusers part takes its rows of the weight and bias."""
+        for part in tree.parts_of(layer):
+            whole_rows = (part.start, part.stop) == (0, layer.out_features)
+            for name in names:
+                suffix = name.rpartition(".")[2]
+                if whole_rows:
+                    tree.add(f"{part.name}.{suffix}", layer, name)
+                elif suffix in ("weight", "bias"):
+                    shape = (part.stop - part.start,) + tuple(tree.base.tensors[name].shape[1:])
+                    tree.add(f"{part.name}.{suffix}", layer, name, "dense_rows", shape=shape,
+                             rows=(part.start, part.stop))
+                else:
+                    raise ExportError(f"layer {layer.prefix} holds {name}, which cannot be split into {part.name}")
+
+    @classmethod
+    def export_tensor(cls, sources: LayerSources, out: OutTensor, tensor: torch.Tensor | None) -> torch.Tensor:
+        """Output `out` of the layer, made by its `op` (as export_outputs declared it) from `tensor`, its source
+        after the merge (None for a synthesized one); `sources` holds the layer's other tensors. The ops every
+        kind has: "same", "dense_rows" (a row range), "ones"."""
+        if out.op == "same":
+            return tensor
+        if out.op == "dense_rows":
+            return tensor[out.rows[0]:out.rows[1]].contiguous()
+        if out.op == "ones":
+            import torch
+
+            from ..dtypes import torch_dtype
+
+            return torch.ones(out.shape, dtype=torch_dtype(out.dtype))
+        raise ExportError(f"{out.name}: a {cls.name} layer has no export op {out.op!r} (a bug)")
+
     # -- reporting -------------------------------------------------------------------------------------------
     # merge and verify summarize the same records (one per layer the plan targets) with the same words, so both
     # count in layers as the plan does; a verify record may lack the merge-only figures
@@ -201,6 +254,31 @@ class LayerKind:
 def count_layers(count: int) -> str:
     """The one unit merge and verify count in: layers, as the plan counts them."""
     return counted(count, "layer")
+
+
+def detect_layer(path: str, tensors: Mapping[str, TensorInfo], name: str) -> Layer | None:
+    """The layer tensor `name` makes known (see LayerKind.detect), asking the kinds in the order they declared
+    their layouts; None: the tensor tells of no layer (another tensor of its layer does, or it is no layer's)."""
+    prefix, _, part = name.rpartition(".")
+    for detect in dict.fromkeys(DETECTORS.values()):
+        layer = detect(path, tensors, prefix, part, tensors[name])
+        if layer is not None:
+            return layer
+    return None
+
+
+def is_qweight(path: str, tensors: Mapping[str, TensorInfo], part: str, info: TensorInfo, dtype: str,
+               matrices: tuple[str, ...]) -> bool:
+    """Whether tensor `part` (`info`) is the `qweight` of a quantized layer packed as `dtype`; the tensors
+    `matrices` of its layer that are present must be 2-D (the header may lie)."""
+    if part != "qweight" or info.dtype != dtype:
+        return False
+    prefix = info.name.rpartition(".")[0]
+    packed = {name: tensors.get(f"{prefix}.{name}") for name in matrices}
+    flat = [f"{name} {found.shape}" for name, found in packed.items() if found is not None and len(found.shape) != 2]
+    if flat:
+        raise MergeError(f"{path}: quantized layer {prefix} has {', '.join(flat)}: not a matrix")
+    return True
 
 
 def kind_of(layer: Layer) -> type[LayerKind]:

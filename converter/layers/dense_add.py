@@ -4,24 +4,30 @@ stored once in the original dtype, so the only error is the rounding of W + ΔW 
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-from ..layout import Layout
+from ..layout import Layer, Layout
 from .base import LayerKind, count_layers
 
 if TYPE_CHECKING:
-    from ..layout import Layer
+    from ..st_reader import TensorInfo
     from ..planner import LayerOp, Plan
     from . import MergeContext, VerifyContext
 
 DENSE_FLOOR_FACTOR = 1.5  # verify: within 1.5x the rounding floor of W+ΔW
 FRACTION_TOL = 1e-2
+FLOAT_DTYPES = ("BF16", "F16", "F32")  # the dtypes of the weights these kinds take (safetensors names)
 
 
 class DenseAdd(LayerKind, layouts=(Layout.DENSE,)):
     name = "dense_add"
     plot_label = "16-bit layers: rel. error / rounding floor"
     plot_limit = DENSE_FLOOR_FACTOR
+
+    @classmethod
+    def detect(cls, path: str, tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo
+               ) -> Layer | None:
+        return _float_weight(tensors, prefix, part, info, Layout.DENSE, 2)
 
     @classmethod
     def apply(cls, ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp | None):
@@ -112,6 +118,19 @@ class VectorAdd(DenseAdd, layouts=(Layout.VECTOR,)):
 
     name = "vector_add"
     plot_label = "16-bit vectors: rel. error / rounding floor"
+
+    @classmethod
+    def detect(cls, path: str, tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo
+               ) -> Layer | None:
+        return _float_weight(tensors, prefix, part, info, Layout.VECTOR, 1)
+
+
+def _float_weight(tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo, layout: Layout,
+                  ndim: int) -> Layer | None:
+    """The 16- or 32-bit layer whose `weight` of `ndim` dimensions is `prefix.part` (`info`), if it is one."""
+    if part != "weight" or info.dtype not in FLOAT_DTYPES or len(info.shape) != ndim:
+        return None
+    return Layer(prefix, layout, info.shape[-1], info.shape[0], f"{prefix}.bias" in tensors, dtype=info.dtype)
 
 
 def _weight_figures(ctx: VerifyContext, layer: Layer, op: LayerOp, probs: list[str]) -> dict:

@@ -5,20 +5,28 @@ untouched; bias deltas go into the bias in pack_scale order."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-from ..layout import MAX_RANK, Layout, round16
-from .base import LayerKind, count_layers, keep_freed_memory
+from ..errors import ExportError, MergeError
+from ..layout import MAX_RANK, Layer, Layout, round16
+from .base import LayerKind, count_layers, is_qweight, keep_freed_memory
 
 if TYPE_CHECKING:
     import torch
 
+    from ..engine import OutTensor
+    from ..export.transform import LayerSources
+    from ..export.tree import TreeBuilder
     from ..factors import Factors
-    from ..layout import Layer
     from ..planner import LayerOp, Plan
+    from ..st_reader import TensorInfo
     from . import MergeContext, VerifyContext
 
 LOWRANK_TOL = 1e-2  # verify: the appended branch is exact up to 16-bit storage
+# the parameters of diffusers' SVDQW4A4Linear (quantizers/nunchaku/utils.py); smooth_factor_orig has none: dropped
+EXPORT_PARTS = frozenset({"qweight", "wscales", "bias", "smooth_factor", "proj_down", "proj_up", "wcscales",
+                          "wtscale"})
+ROW_TILE = 128  # a packed qweight's outermost tile holds 128 output rows: whole tiles are whole rows on disk
 
 
 class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
@@ -26,6 +34,23 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     plot_label = "W4A4 low-rank rel. error"
     plot_limit = LOWRANK_TOL
     rank_parts = ("proj_down", "proj_up")
+
+    @classmethod
+    def detect(cls, path: str, tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo
+               ) -> Layer | None:
+        """An int8 `qweight` (two 4-bit codes a byte) with its low-rank branch; fp8 wscales tell nvfp4 from int4."""
+        down, up = tensors.get(f"{prefix}.proj_down"), tensors.get(f"{prefix}.proj_up")
+        wscales = tensors.get(f"{prefix}.wscales")
+        if not is_qweight(path, tensors, part, info, "I8", ("qweight", "proj_down", "proj_up")):
+            return None
+        if down is None or up is None or wscales is None:
+            raise MergeError(f"{path}: SVDQ layer {prefix} lacks proj_down/proj_up/wscales")
+        layout = Layout.SVDQ_NVFP4 if wscales.dtype.startswith("F8") else Layout.SVDQ_INT4
+        out_features, in_features = info.shape[0], info.shape[1] * 2
+        if down.shape != (in_features, down.shape[1]) or up.shape != (out_features, down.shape[1]):
+            raise MergeError(f"{path}: {prefix} has inconsistent proj_down/proj_up shapes")
+        return Layer(prefix, layout, in_features, out_features, f"{prefix}.bias" in tensors, rank=down.shape[1],
+                     dtype=down.dtype)
 
     @classmethod
     def max_exact_rank(cls, layer: Layer, base_rank: int) -> int:
@@ -45,6 +70,36 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
     def touched(cls, layer: Layer, op: LayerOp | None, plan: Plan) -> set[str]:
         out = {layer.key(part) for part in cls.rank_parts} if op is not None or plan.rank_changed else set()
         return out | ({layer.key("bias")} if op is not None and op.bias_contributions else set())
+
+    @classmethod
+    def export_outputs(cls, tree: TreeBuilder, layer: Layer, names: list[str]) -> None:
+        """Each diffusers part (a row range: to_q/to_k/to_v of a fused qkv) takes its rows of the per-output tensors,
+        cut in packed space; the per-input ones (smooth_factor, proj_down) are shared; nvfp4 gets wcscales and
+        wtscale in the compute dtype (ones where the file has none); an activation shift goes into the bias."""
+        parts = tree.parts_by_name(layer, names, EXPORT_PARTS | {"smooth_factor_orig"})
+        if layer.layout != Layout.SVDQ_NVFP4 and ({"wcscales", "wtscale"} & set(parts)):
+            raise ExportError(f"int4 layer {layer.prefix} carries wcscales/wtscale, which diffusers' int4 module has "
+                              "no parameter for; nothing was written")
+        for index, part in enumerate(tree.parts_of(layer)):
+            tree.target("svdq_w4a4", layer, index, part.name)
+            _export_part(tree, layer, parts, part.name, (part.start, part.stop))
+
+    @classmethod
+    def export_tensor(cls, sources: LayerSources, out: OutTensor, tensor: torch.Tensor | None) -> torch.Tensor:
+        from ..codecs.lowrank import up_rows
+        from ..codecs.svdq_scales import vector_rows, wscales_rows
+        from ..codecs.svdq_weight import qweight_rows
+
+        cuts = {"qweight_rows": qweight_rows, "wscales_rows": wscales_rows, "vector_rows": vector_rows,
+                "up_rows": up_rows}
+        if out.op in cuts:
+            return cuts[out.op](tensor, *out.rows)
+        if out.op == "shifted_bias":
+            shift = sources.family.activation_shift(sources.layer)
+            return vector_rows(sources.derived("#shifted_bias", lambda: shifted_bias(sources, shift)), *out.rows)
+        if out.op == "wtscale":
+            return tensor.reshape(1)
+        return super().export_tensor(sources, out, tensor)
 
     @classmethod
     def apply(cls, ctx: MergeContext, plan: Plan, layer: Layer, op: LayerOp | None):
@@ -362,3 +417,58 @@ def _bias_ok(ctx: VerifyContext, layer: Layer, op: LayerOp | None) -> bool:
     b0, b1 = PackedVector.unpack(ctx.base.get(key)).float(), PackedVector.unpack(ctx.merged.get(key)).float()
     want = b0 if db is None else (b0 + db).to(ctx.base.get(key).dtype).float()
     return torch.allclose(b1, want, rtol=1e-2, atol=1e-3 * (1 + float(want.abs().max())))
+
+
+# -- the diffusers export ----------------------------------------------------------------------------------------
+def _export_part(tree: TreeBuilder, layer: Layer, parts: dict[str, str], name: str, rows: tuple[int, int]) -> None:
+    """The tensors of diffusers module `name`, rows `rows` of the layer."""
+    count = rows[1] - rows[0]
+    cut = "same" if rows == (0, layer.out_features) else None
+    qweight = parts["qweight"]
+    tree.add(f"{name}.qweight", layer, qweight, cut or "qweight_rows", shape=(count, layer.in_features // 2),
+             rows=rows, byte_range=None if cut else _untouched_tiles(tree, qweight, rows))
+    wscales = tree.base.tensors[parts["wscales"]].shape
+    tree.add(f"{name}.wscales", layer, parts["wscales"], cut or "wscales_rows", shape=(wscales[0], count), rows=rows)
+    if "bias" in parts:
+        op = "shifted_bias" if tree.family.activation_shift(layer) else cut or "vector_rows"
+        tree.add(f"{name}.bias", layer, parts["bias"], op, shape=(count,), rows=rows)
+    tree.add(f"{name}.smooth_factor", layer, parts["smooth_factor"])
+    tree.add(f"{name}.proj_down", layer, parts["proj_down"])
+    up = parts["proj_up"]
+    tree.add(f"{name}.proj_up", layer, up, cut or "up_rows",
+             shape=(count, tree.plan.out_shape(up, tree.base.tensors[up].shape)[1]), rows=rows)
+    if layer.layout == Layout.SVDQ_NVFP4:
+        wcscales, wtscale = parts.get("wcscales"), parts.get("wtscale")
+        tree.add(f"{name}.wcscales", layer, wcscales, "ones" if wcscales is None else cut or "vector_rows",
+                 dtype=tree.compute_dtype, shape=(count,), rows=rows)
+        tree.add(f"{name}.wtscale", layer, wtscale, "ones" if wtscale is None else "wtscale",
+                 dtype=tree.compute_dtype, shape=(1,))
+
+
+def _untouched_tiles(tree: TreeBuilder, qweight: str, rows: tuple[int, int]) -> tuple[int, int] | None:
+    """The bytes of rows `rows` of a qweight the merge leaves alone, when they are whole tiles (copied from the
+    base by the writer, never read into memory); else None."""
+    if qweight in tree.touched or rows[0] % ROW_TILE or rows[1] % ROW_TILE:
+        return None
+    info = tree.base.tensors[qweight]
+    row_bytes = info.nbytes // info.shape[0]
+    return rows[0] * row_bytes, rows[1] * row_bytes
+
+
+def shifted_bias(sources: LayerSources, shift: float) -> torch.Tensor:
+    """The packed bias of an SVDQ layer whose Nunchaku runtime feeds the 4-bit path (x + shift) / smooth while
+    diffusers' module feeds it x / smooth: b + shift·Σ_j Ŵ[o, j] / smooth[j] (Ŵ the dequantized 4-bit weight,
+    logical order), so both compute the same output. The low-rank branch reads the unshifted input in both
+    (nunchaku's epilogue order), so it needs nothing. int4 only (nvfp4 has no shift); in fp64, one rounding:
+    Σ_g wscales[o, g]·Σ_{j in g} q[o, j]/smooth[j], the inner sums taken in packed space (group_dots)."""
+    from ..codecs.svdq_scales import PackedVector, WScalesInt4
+    from ..codecs.svdq_weight import group_dots
+
+    layer = sources.layer
+    if layer.layout != Layout.SVDQ_INT4:
+        raise ExportError(f"{layer.prefix}: an activation shift is an int4 fact; this layer is {layer.layout.value}")
+    inv_smooth = 1.0 / PackedVector.unpack(sources.get(layer.key("smooth_factor"))).double()
+    dots = group_dots(sources.get(layer.key("qweight")), inv_smooth)
+    rowsum = (dots * WScalesInt4.unpack(sources.get(layer.key("wscales"))).double()).sum(1)
+    bias = sources.get(layer.key("bias"))
+    return PackedVector.pack((PackedVector.unpack(bias).double() + shift * rowsum).to(bias.dtype))

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-from ..errors import MergeError
-from ..layout import Layout
-from .base import LayerKind, count_layers, keep_freed_memory
+from ..errors import ExportError, MergeError
+from ..layout import Layer, Layout
+from .base import LayerKind, count_layers, is_qweight, keep_freed_memory
 
 if TYPE_CHECKING:
     import torch
 
-    from ..layout import Layer
+    from ..engine import OutTensor
+    from ..export.transform import LayerSources
+    from ..export.tree import TreeBuilder
     from ..planner import LayerOp, Plan
+    from ..st_reader import TensorInfo
     from . import MergeContext, VerifyContext
 
 MOD_TOL = 1.0  # verify: never worse than leaving the layer as it was
 WEIGHT_PARTS = ("qweight", "wscales", "wzeros")
+EXPORT_PARTS = frozenset(WEIGHT_PARTS + ("bias",))  # the parameters of diffusers' AWQW4A16Linear
 
 
 class ModulationInputs:
@@ -67,6 +71,57 @@ class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):
     verify_figure = "e_mod"
     plot_label = "modulation e_mod (1 = LoRA lost)"
     plot_limit = MOD_TOL
+
+    @classmethod
+    def detect(cls, path: str, tensors: Mapping[str, TensorInfo], prefix: str, part: str, info: TensorInfo
+               ) -> Layer | None:
+        """An int32 `qweight` (eight 4-bit codes a word) with its group scales and zeros."""
+        if not is_qweight(path, tensors, part, info, "I32", ("qweight", "wzeros")):
+            return None
+        wscales = tensors.get(f"{prefix}.wscales")
+        if wscales is None or f"{prefix}.wzeros" not in tensors:
+            raise MergeError(f"{path}: AWQ layer {prefix} lacks wscales/wzeros")
+        return Layer(prefix, Layout.AWQ_W4A16, info.shape[1] * 2, info.shape[0] * 4, f"{prefix}.bias" in tensors,
+                     dtype=wscales.dtype)
+
+    @classmethod
+    def export_outputs(cls, tree: TreeBuilder, layer: Layer, names: list[str]) -> None:
+        """One diffusers module, never split; rows stored in another order (Qwen's interleave) are permuted to
+        diffusers' order, padding rows of the group params dropped, a bias constant the family folded taken out."""
+        parts = tree.parts_by_name(layer, names, EXPORT_PARTS)
+        diffusers_parts = tree.parts_of(layer)
+        if len(diffusers_parts) != 1 or (diffusers_parts[0].start, diffusers_parts[0].stop) != (0, layer.out_features):
+            raise ExportError(f"AWQ layer {layer.prefix} would be split, which the export does not do; nothing was "
+                              "written")
+        name = diffusers_parts[0].name
+        tree.target("awq_w4a16", layer, 0, name)
+        reordered = tree.family.row_order(layer.prefix) is not None
+        groups = layer.in_features // layer.layout.group_size
+        tree.add(f"{name}.qweight", layer, parts["qweight"], "awq_qweight" if reordered else "same")
+        for part in ("wscales", "wzeros"):  # the stored group params may carry padding rows: diffusers' have none
+            padded = tree.base.tensors[parts[part]].shape[0] != groups
+            tree.add(f"{name}.{part}", layer, parts[part], "awq_params" if reordered or padded else "same",
+                     shape=(groups, layer.out_features))
+        if "bias" in parts:
+            folded = reordered or tree.family.folded_bias(layer)
+            tree.add(f"{name}.bias", layer, parts["bias"], "awq_bias" if folded else "same")
+
+    @classmethod
+    def export_tensor(cls, sources: LayerSources, out: OutTensor, tensor: torch.Tensor | None) -> torch.Tensor:
+        from ..codecs.awq_w4a16 import permute_group_params, permute_qweight_rows
+
+        perm = sources.perm() if out.op.startswith("awq_") else None
+        if out.op == "awq_qweight":
+            return permute_qweight_rows(tensor, perm) if perm is not None else tensor
+        if out.op == "awq_params":
+            tensor = tensor[: sources.layer.in_features // sources.layer.layout.group_size]
+            return permute_group_params(tensor, perm) if perm is not None else tensor
+        if out.op == "awq_bias":
+            bias = (tensor[perm] if perm is not None else tensor).float()
+            for start, stop, constant in sources.family.folded_bias(sources.layer):
+                bias[start:stop] -= constant
+            return bias.to(tensor.dtype)
+        return super().export_tensor(sources, out, tensor)
 
     @classmethod
     def touched(cls, layer: Layer, op: LayerOp | None, plan: Plan) -> set[str]:

@@ -1,4 +1,4 @@
-"""The export computes layers on a worker thread ahead of the writer: in order, bounded, errors raised where
+"""The merge and the export compute layers on worker threads ahead of the writer: in order, bounded, errors raised where
 the writer takes the layer, and a close that stops the worker."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from converter.export.prefetch import LayerPrefetch
+from converter.prefetch import LayerPrefetch
 
 
 def test_layers_come_in_order_and_at_most_ahead():

@@ -1,15 +1,19 @@
-"""Layers computed ahead of the writer: worker threads compute them in the order they will be written, at most
-`ahead` layers before the writer takes them. The compute then overlaps what the main thread waits for (a
-shard's last writes and fsync, the write queue's room), and two workers use both cores of a small machine
-(torch releases the GIL while it works). The part of a layer's work that must see the layers before it (the
-merge, which keeps records and shares a cache) runs in a section the workers pass in layer order, so every
-result and record is the one a sequential run makes."""
+"""Layers computed ahead of the writer, for the merge pass and the export alike: worker threads compute them in
+the order they will be written, at most `ahead` layers before the writer takes them. The compute then overlaps
+what the main thread does meanwhile (the copies of the tensors before and between the computed ones, a shard's
+last writes and fsync, the write queue's room); torch releases the GIL while it works. The part of a layer's
+work that must see the layers before it (the merge, which keeps records and shares a cache) runs in a section
+the workers pass in layer order, so every result and record is the one a sequential run makes.
+
+How many workers: the merge uses one (its per-layer maths sets torch's process-wide thread count, one intra-op
+thread or all of them for a modulation layer's products, and a modulation layer's ~1 GB of temporaries must not
+be allocated twice at once); the export two (its ops after the merge are light and thread-safe)."""
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Hashable, Iterator
 
 InOrder = Callable[[], ContextManager[None]]
 
@@ -19,23 +23,24 @@ class _Stopped(Exception):
 
 
 class LayerPrefetch:
-    """`take(prefix)` hands over the result of `compute(prefix, in_order)`, computed in the background; layers
-    must be taken in `order`. `with in_order():` inside `compute` runs after the same section of every earlier
-    layer has ended. An exception of `compute` is raised by the `take` of its layer. `close` stops the workers
-    (after the layers they are computing) and waits for them."""
+    """`take(key)` hands over the result of `compute(key, in_order)`, computed in the background; the keys (a
+    layer's prefix, or anything hashable that names one layer's work, such as (output, prefix)) must be taken in
+    `order`. `with in_order():` inside `compute` runs after the same section of every earlier layer has ended.
+    An exception of `compute` is raised by the `take` of its layer. `close` stops the workers (after the layers
+    they are computing) and waits for them."""
 
-    def __init__(self, order: list[str], compute: Callable[[str, InOrder], dict], ahead: int = 2,
-                 workers: int = 2):
+    def __init__(self, order: list[Hashable], compute: Callable[[Hashable, InOrder], dict], ahead: int = 2,
+                 workers: int = 2, name: str = "layer-compute"):
         self._order = order
         self._compute = compute
         self._ahead = max(ahead, workers)
-        self._results: dict[str, tuple[dict | None, BaseException | None]] = {}
+        self._results: dict[Hashable, tuple[dict | None, BaseException | None]] = {}
         self._claimed = 0  # layers handed to a worker
         self._turn = 0  # the layer whose in-order section may run
         self._taken = 0
         self._stopped = False
         self._changed = threading.Condition()
-        self._workers = [threading.Thread(target=self._work, name=f"export-compute-{n}", daemon=True)
+        self._workers = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
                          for n in range(workers)]
         for worker in self._workers:
             worker.start()
@@ -51,9 +56,9 @@ class LayerPrefetch:
 
     def _work(self) -> None:
         while (index := self._claim()) is not None:
-            prefix = self._order[index]
+            key = self._order[index]
             try:
-                result: tuple[dict | None, BaseException | None] = (self._compute(prefix, self._section(index)), None)
+                result: tuple[dict | None, BaseException | None] = (self._compute(key, self._section(index)), None)
             except _Stopped:
                 return
             except BaseException as e:  # noqa: BLE001 - raised in the main thread by take()
@@ -63,7 +68,7 @@ class LayerPrefetch:
             except _Stopped:
                 return
             with self._changed:
-                self._results[prefix] = result
+                self._results[key] = result
                 self._changed.notify_all()
 
     def _wait_turn(self, index: int) -> None:
@@ -90,13 +95,13 @@ class LayerPrefetch:
 
         return in_order
 
-    def take(self, prefix: str) -> dict:
-        if self._taken >= len(self._order) or self._order[self._taken] != prefix:
-            raise RuntimeError(f"prefetch: {prefix} taken out of order")
+    def take(self, key: Hashable) -> dict:
+        if self._taken >= len(self._order) or self._order[self._taken] != key:
+            raise RuntimeError(f"prefetch: {key} taken out of order")
         with self._changed:
-            while prefix not in self._results:
+            while key not in self._results:
                 self._changed.wait()
-            tensors, error = self._results.pop(prefix)
+            tensors, error = self._results.pop(key)
             self._taken += 1
             self._changed.notify_all()
         if error is not None:
