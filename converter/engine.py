@@ -13,6 +13,7 @@ tree each kind declares) and how it is written (`Sink`: one file, or shards with
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol
 
@@ -100,7 +101,8 @@ class LayerStream:
                  *, workers: int, ahead: int, name: str):
         self._base, self._model, self._device, self._compute = base, model, device, compute
         self._contexts: list[MergeContext] = []
-        self._prefetch = LayerPrefetch(schedule, self._run, ahead=ahead, workers=workers, name=name)
+        # no workers: each layer is computed by the take that needs it, in the writer's thread
+        self._prefetch = LayerPrefetch(schedule, self._run, ahead=ahead, workers=workers, name=name) if workers else None
 
     def _context(self) -> MergeContext:
         if not self._contexts:
@@ -113,10 +115,13 @@ class LayerStream:
         return self._compute(key, in_order, self._context)
 
     def take(self, key: Hashable) -> dict:
+        if self._prefetch is None:
+            return self._run(key, nullcontext)
         return self._prefetch.take(key)
 
     def close(self) -> None:
-        self._prefetch.close()  # before the context: a worker may still be computing with it
+        if self._prefetch is not None:
+            self._prefetch.close()  # before the context: a worker may still be computing with it
         if self._contexts:
             self._contexts[0].close()
 

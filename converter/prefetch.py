@@ -5,9 +5,8 @@ last writes and fsync, the write queue's room); torch releases the GIL while it 
 work that must see the layers before it (the merge, which keeps records and shares a cache) runs in a section
 the workers pass in layer order, so every result and record is the one a sequential run makes.
 
-How many workers: the merge uses one (its per-layer maths sets torch's process-wide thread count, one intra-op
-thread or all of them for a modulation layer's products, and a modulation layer's ~1 GB of temporaries must not
-be allocated twice at once); the export two (its ops after the merge are light and thread-safe)."""
+How many workers: the export two (its ops after the merge are light and thread-safe); the merge none (its layers
+are computed by the take that needs them: see pipeline.MERGE_WORKERS for the measurement)."""
 
 from __future__ import annotations
 

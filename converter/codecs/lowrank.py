@@ -10,12 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..layout import RANK_STEP
 from .base import Codec, require
+
+# a tile is RANK_STEP x RANK_STEP = 16 x 16: its inner geometry below (2 x 8 rows, 2 x 4 column pairs) is that size
+assert RANK_STEP == 16
 
 
 def _check(rank: int, channels: int, what: str) -> None:
-    require(rank % 16 == 0 and channels % 16 == 0,
-            f"{what}: rank {rank} and channels {channels} must both be multiples of 16")
+    require(rank % RANK_STEP == 0 and channels % RANK_STEP == 0,
+            f"{what}: rank {rank} and channels {channels} must both be multiples of {RANK_STEP}")
 
 
 # The element pair (e) is innermost both before and after packing, so the permutation runs on int32 pairs, in
@@ -90,7 +94,8 @@ def append_packed(packed: torch.Tensor, extra: torch.Tensor | None, down: bool, 
     padding tiles are zeros in either layout."""
     c, r0 = packed.shape
     r = 0 if extra is None else (extra.shape[0] if down else extra.shape[1])
-    require(r % 16 == 0 and r0 + r <= rank and rank % 16 == 0, f"cannot append rank {r} to {r0} within {rank}")
+    require(r % RANK_STEP == 0 and r0 + r <= rank and rank % RANK_STEP == 0,
+            f"cannot append rank {r} to {r0} within {rank}")
     require(packed.device.type == "cpu", "append_packed works on cpu tensors")
     out = packed.new_empty(c, rank)
     ov = _pairs(out).reshape(c // 16, rank // 16, 128)  # numpy view of `out`, in int32 pairs

@@ -238,8 +238,8 @@ def sequential_round(
 
     targets (N', O): continuous targets in value space, canonical order [bias; tail weights; zero shifts].
     perm (N',): rounding order (canonical indices); u: the matching update rows. s_t, z_t (m, O): scale and zero
-    of each tail weight; s_div: the same with every zero scale replaced by 1 (to divide by; None: s_t has no
-    zero, a zero scale makes any code give the same value). z_g (ng, O): base zeros. Returns
+    of each tail weight; s_div: s_t with each zero scale replaced by 1, to divide by (None: s_t has no zero; a
+    zero scale makes every code give the same value). z_g (ng, O): base zeros. Returns
     (bias (O,), codes (m, O) float, new zeros (ng, O), Σ e² per row (O,)). Each variable is rounded to its own
     grid (bias: bf16; weight: code 0..15 on its group's grid; zero: bf16) and its rounding error is pushed onto
     the variables not yet rounded. With e the scaled errors, the rounded values are targets - Uᵀe, so the
