@@ -231,7 +231,7 @@ def sequential_round(
     s_t: torch.Tensor,
     z_t: torch.Tensor,
     z_g: torch.Tensor,
-    block: int = 16,
+    block: int = 32,
     s_div: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-style rounding of the free variables, vectorized over rows (layout: variables x rows).
