@@ -102,7 +102,8 @@ class LayerStream:
         self._base, self._model, self._device, self._compute = base, model, device, compute
         self._contexts: list[MergeContext] = []
         # no workers: each layer is computed by the take that needs it, in the writer's thread
-        self._prefetch = LayerPrefetch(schedule, self._run, ahead=ahead, workers=workers, name=name) if workers else None
+        self._prefetch = (LayerPrefetch(schedule, self._run, ahead=ahead, workers=workers, name=name) if workers
+                          else None)
 
     def _context(self) -> MergeContext:
         if not self._contexts:

@@ -276,10 +276,11 @@ def sequential_round(
 
 
 def _round_one(t: torch.Tensor, c: int, m: int, r: torch.Tensor, bias: torch.Tensor, codes: torch.Tensor,
-               new_zeros: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor], z_g: torch.Tensor) -> None:
+               new_zeros: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               z_g: torch.Tensor) -> None:
     """Round free variable `c` (canonical index) whose targets over the rows are t: its value goes to bias,
-    codes or new_zeros, the raw error t - value to r; grid: the tail weights' (scales, scales to divide by, zeros). Few ops, each writing into its destination: this runs
-    561 times in a row per full-size layer."""
+    codes or new_zeros, the raw error t - value to r; grid: the tail weights' (scales, scales to divide by,
+    zeros). Few ops, each writing into its destination: this runs 561 times in a row per full-size layer."""
     if c == 0:
         torch.sub(t, bf16(t), out=r)
         torch.sub(t, r, out=bias)

@@ -223,7 +223,8 @@ def layer_problem(codes, scales, zeros, bias, delta_w: DeltaW, delta_b, x_calib,
         raise ValueError(f"x_eval must be (n, {in_f})")
     calib = _calibration(x_calib, in_f, mode, group_size, dev, tail, damp)
     xbar = calib.mean if calib is not None else x_calib.to(dev, torch.float32).mean(0)
-    return LayerProblem(codes, packed, check_bf16_exact("scales", scales.to(dev)), check_bf16_exact("zeros", zeros.to(dev)),
+    return LayerProblem(codes, packed, check_bf16_exact("scales", scales.to(dev)),
+                        check_bf16_exact("zeros", zeros.to(dev)),
                         check_bf16_exact("bias", bias.to(dev)),
                         torch.zeros(o, device=dev) if delta_b is None else delta_b.to(dev, torch.float32),
                         _Delta(delta_w, (o, in_f), dev), xe, calib, xbar, group_size)
@@ -303,12 +304,11 @@ class _Tail:
     z: torch.Tensor  # (m, O) zero of each tail weight
     s_div: torch.Tensor | None  # `s` with its zero scales replaced by 1 (None: no zero scale)
     targets: torch.Tensor  # (N', O) base values + the continuous optimum shift given -ΔW on the kept columns
-    phi_left: torch.Tensor | None  # LoRA delta: (N', r), targets - base = phi_left·upᵀ
     dw: torch.Tensor | None  # dense delta: (m, O) ΔW on the tail columns
     comp: torch.Tensor | None  # dense delta: (N', O) the optimum shift given -ΔW on the kept columns
 
 
-def _tail(p: LayerProblem) -> _Tail:
+def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
     idx = p.calib.tail
     m, gidx = idx.numel(), idx // p.group
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
@@ -316,21 +316,40 @@ def _tail(p: LayerProblem) -> _Tail:
     s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if bool((s_g <= 0).any()) else None
     q0 = p.columns(idx, torch.float32)
     q0_codes = q0.to(torch.uint8)
-    phi_left = dw = comp = None
-    if p.delta.dense is None:  # one rank-r product: the shift and ΔW on the tail columns together
-        phi_left = p.calib.comp @ p.delta.down.T
-        phi_left[1: 1 + m] += p.delta.down[:, idx].T
-        targets = phi_left @ p.delta.up.T
+    dw = comp = None
+    if factors is not None:  # one rank-r product: the shift and ΔW on the tail columns together
+        targets = factors.phi_left @ p.delta.up.T
     else:
         dw, comp = p.delta.cols_t(idx), p.delta.left_mul_t(p.calib.comp)
         targets = comp.clone()
         targets[1: 1 + m] += dw
     targets[0] += p.bstar
     targets[1: 1 + m].addcmul_(q0, s_t).add_(z_t)
-    return _Tail(idx, q0_codes, q0, s_g, z_g, s_t, z_t, s_div, targets, phi_left, dw, comp)
+    return _Tail(idx, q0_codes, q0, s_g, z_g, s_t, z_t, s_div, targets, dw, comp)
 
 
 RoundingPlan = tuple[torch.Tensor, torch.Tensor]  # (rounding order, update rows): see ModulationCalibration
+
+
+@dataclass(eq=False)
+class _FactorProducts:
+    """For a LoRA delta up·down: the products of the calibration with `down` that every row chunk uses (they do
+    not depend on the rows, so they are made once per layer)."""
+
+    phi_left: torch.Tensor  # (N', r): targets - base values = phi_left·upᵀ (comp·downᵀ, + downᵀ on tail rows)
+    z_left: torch.Tensor  # (N', r): select·downᵀ (the keep test's Z through the factors)
+    gram_phi: torch.Tensor  # (N', r): gram·phi_left
+    phi_gram_phi: torch.Tensor  # (r, r): phi_leftᵀ·gram·phi_left
+
+    @classmethod
+    def of(cls, p: LayerProblem) -> _FactorProducts | None:
+        if p.delta.dense is not None:
+            return None
+        down, m = p.delta.down, p.calib.tail.numel()
+        phi_left = p.calib.comp @ down.T
+        phi_left[1: 1 + m] += down[:, p.calib.tail].T
+        gram_phi = p.calib.gram @ phi_left
+        return cls(phi_left, p.calib.select @ down.T, gram_phi, phi_left.T @ gram_phi)
 
 
 def _rounding_plan(p: LayerProblem) -> RoundingPlan:
@@ -373,17 +392,16 @@ def _round_tail(p: LayerProblem, t: _Tail, plan: RoundingPlan) -> _Rounded:
 FreeParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows of [bias (O,); tail weights (m, O); zeros (ng, O)]
 
 
-def _rows_to_keep(p: LayerProblem, t: _Tail, dr: FreeParts, b_fold: torch.Tensor, r: _Rounded,
-                  b_new: torch.Tensor) -> torch.Tensor:
+def _rows_to_keep(p: LayerProblem, t: _Tail, factors: _FactorProducts | None, dr: FreeParts,
+                  b_fold: torch.Tensor, r: _Rounded, b_new: torch.Tensor) -> torch.Tensor:
     """Per row, whether the rounding beats the bias fold on the calibration objective. Both share the error
     -ΔW on the kept columns; J(cal) - J(fold) = dr'(G dr + 2 Z), with dr the difference of the free variables
     (by parts) and Z = G r_fold + G_{free,kept} e_kept (= -(G + lam) comp) + g0 (b_fold - b*)."""
     gram = p.calib.gram
     beta = b_fold - p.bstar
-    if p.delta.dense is None:  # Z = -(select·downᵀ)·upᵀ + g0 βᵀ: dr'Z through the rank-r factor
-        z_left = p.calib.select @ p.delta.down.T  # (N', r)
-        cross = (_parts_t_mm(z_left, dr) * p.delta.up.T).sum(0)
-        return _quad_lowrank(p, t, b_fold, r, b_new) + 2 * (beta * _parts_t_mm(gram[:, :1], dr)[0] - cross) < 0
+    if factors is not None:  # Z = -(select·downᵀ)·upᵀ + g0 βᵀ: dr'Z through the rank-r factor
+        cross = (_parts_t_mm(factors.z_left, dr) * p.delta.up.T).sum(0)
+        return _quad_lowrank(p, factors, b_fold, r, b_new) + 2 * (beta * _parts_t_mm(gram[:, :1], dr)[0] - cross) < 0
     m = t.idx.numel()
     dr_all = torch.cat([dr[0][None], dr[1], dr[2]], dim=0)
     zt = torch.mm(gram[:, 1: 1 + m], t.dw).neg_()  # two (N' x m/N') GEMMs beat one (N' x I) pass over dW
@@ -402,8 +420,8 @@ def _parts_t_mm(left: torch.Tensor, dr: FreeParts) -> torch.Tensor:
     return out
 
 
-def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, b_new: torch.Tensor
-                  ) -> torch.Tensor:
+def _quad_lowrank(p: LayerProblem, factors: _FactorProducts, b_fold: torch.Tensor, r: _Rounded,
+                  b_new: torch.Tensor) -> torch.Tensor:
     """dr' G dr per row (O,) without the (N' x N') x (N' x O) product, for a LoRA delta up·down.
 
     dr = δ' + φ: δ' = what the rounding moved the free variables from their targets (the re-fitted bias:
@@ -411,16 +429,15 @@ def _quad_lowrank(p: LayerProblem, t: _Tail, b_fold: torch.Tensor, r: _Rounded, 
     `phi_left`) and β = b* - b_fold. With G = H - diag(lam) and δ'Hδ = Σ e² (the rounding's own cost),
     every term is a rank-r or diagonal product. Uses up r.moved (squared in place)."""
     gram, lam = p.calib.gram, p.calib.lam
-    up, phi_left = p.delta.up, t.phi_left
+    up, gram_phi = p.delta.up, factors.gram_phi
     delta, gamma, g00 = r.moved, b_new - r.bias, p.calib.gram[0, 0]
     g0_delta = gram[0] @ delta
-    gram_phi = gram @ phi_left
     beta = p.bstar - b_fold
     cross = ((gram_phi.T @ delta + torch.outer(gram_phi[0], gamma)).T * up).sum(1)
     cross += beta * (g0_delta + gamma * g00)
     quad_delta = r.cost - lam @ delta.square_() + gamma * (2 * g0_delta + gamma * g00)
     r.moved = None
-    quad_phi = ((up @ (phi_left.T @ gram_phi)) * up).sum(1) + beta * (2 * (up @ gram_phi[0]) + beta * g00)
+    quad_phi = ((up @ factors.phi_gram_phi) * up).sum(1) + beta * (2 * (up @ gram_phi[0]) + beta * g00)
     return quad_delta + 2 * cross + quad_phi
 
 
@@ -436,10 +453,11 @@ class _RowsPart:
     rows_kept: int  # rows that kept their base codes (the bias fold was better there)
 
 
-def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future) -> _RowsPart:
+def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, factors: _FactorProducts | None
+                     ) -> _RowsPart:
     """The calibrated candidate on the rows of `p` (rows are independent once the rounding order is fixed;
     `plan` may still be under way while this chunk reads its columns)."""
-    t = _tail(p)
+    t = _tail(p, factors)
     rounded = _round_tail(p, t, plan.result())
     dq = rounded.codes.sub_(t.q0)  # code changes (m, O), in place: the new codes are q0 + dq
     d_tail = dq * t.s  # what changed: the tail weights, and every weight of a group via its zero
@@ -448,7 +466,7 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future) -> 
     # re-fit the bias: nearest bf16 to its calibration optimum given the new weights
     e_bar = d_tail.T @ p.xbar[t.idx] + dz_t.T @ xbar_g - p.delta.matvec(p.xbar)
     b_new = bf16(p.bstar - e_bar)
-    keep_row = _rows_to_keep(p, t, (b_new - fold_bias, d_tail, dz_t), fold_bias, rounded, b_new)
+    keep_row = _rows_to_keep(p, t, factors, (b_new - fold_bias, d_tail, dz_t), fold_bias, rounded, b_new)
     keep = keep_row.to(dq.dtype)[None]  # a product, not torch.where: where is several times slower here
     dq.mul_(keep)
     d_tail.mul_(keep)
@@ -482,16 +500,20 @@ def calibrated(p: LayerProblem, fold: Candidate, workers: int = 1) -> Candidate:
     `workers` chunks at once; the rounding order is found meanwhile (the chunks wait for it after reading
     their columns)."""
     chunks = _row_chunks(p, workers)
+    factors = _FactorProducts.of(p)
+
+    def rows(r: tuple[int, int]) -> _RowsPart:
+        return _calibrated_rows(p.rows(*r), fold.bias[r[0]:r[1]], plan, factors)
+
     if workers <= 1 or len(chunks) <= 1:
         plan: Future = Future()
         plan.set_result(_rounding_plan(p))
-        parts = [_calibrated_rows(p.rows(r0, r1), fold.bias[r0:r1], plan) for r0, r1 in chunks]
+        parts = [rows(r) for r in chunks]
     else:
         with cpu_threads(1, torch.device("cpu")), ThreadPoolExecutor(1, "modulation-plan") as planner, \
                 ThreadPoolExecutor(workers, "modulation-rows") as pool:
             plan = planner.submit(_rounding_plan, p)
-            parts = list(pool.map(lambda rows: _calibrated_rows(p.rows(*rows), fold.bias[rows[0]:rows[1]], plan),
-                                  chunks))
+            parts = list(pool.map(rows, chunks))
     kept = sum(part.rows_kept for part in parts)
     notes = [f"{kept} of {p.shape[0]} rows kept their codes (bias fold was better there)"] if kept else []
     written = torch.cat([part.written_codes for part in parts])
@@ -595,7 +617,8 @@ def merge_modulation(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     codes (O, I) uint8 0..15, or the packed AWQ qweight int32 (O/4, I/2) (then only the code columns that may
     change are unpacked, and the result holds the packed `qweight`); scales, zeros (O, I/group) bf16-exact;
     bias (O,) bf16-exact: the base layer, with W = codes * scales + zeros per group. delta_w: ΔW (O, I) dense,
-    or LoRA factors (up (O, r), down (r, I)) (faster: nothing O x I is formed). delta_b (O,) or None. Rows in the caller's order.
+    or LoRA factors (up (O, r), down (r, I)) (faster: nothing O x I is formed). delta_b (O,) or None. Rows in
+    the caller's order.
     x_calib: calibration inputs (n, I) or a prebuilt `ModulationCalibration` (build it once for all layers;
     `tail` / `damp` are then ignored). x_eval (n_eval, I): held-out inputs for the figures.
     mode: "calibrated" (default), "requant" (fresh-grid RTN), "biasfold", "skip"; whatever is asked, the best of
