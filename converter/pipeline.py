@@ -251,8 +251,9 @@ def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, s
 # still copy and write what came before. A worker computing a layer ahead gained nothing and cost on the CPU
 # (6-block base, 2 cores: DoRA on every W4A4 layer 26.3-27.4 s and 1.42 GB with one worker, 21.6-22.0 s and
 # 1.27 GB without; the modulation merge the same): its torch threads and the writer's fought for the cores, and
-# two layers' temporaries were alive at once
-MERGE_AHEAD, MERGE_WORKERS = 2, 0
+# two layers' temporaries were alive at once. On a CUDA device the maths leaves the cores free: one worker
+# computes the next layers while the writer copies the tensors between them
+MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA = 2, 0, 1
 
 
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
@@ -277,7 +278,8 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
 
     def layers() -> LayerStream:
         return LayerStream(base, jobs[0].session.model, device, compute_schedule(order, outs), compute,
-                           workers=MERGE_WORKERS, ahead=MERGE_AHEAD, name="merge-compute")
+                           workers=MERGE_WORKERS_CUDA if device.startswith("cuda") else MERGE_WORKERS,
+                           ahead=MERGE_AHEAD, name="merge-compute")
 
     def write(stream: LayerStream) -> None:
         for out in outs:

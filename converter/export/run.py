@@ -138,8 +138,12 @@ def write_export(xp: ExportPlan, opts: Options, xo: ExportOptions) -> dict:
     def compute(prefix: str, in_order: InOrder, context) -> dict:
         with in_order():  # the merge, one layer after the other (see LayerTransformer.merge)
             if not transformers:  # torch is imported here, once the copies are under way
+                from ..layers.base import keep_freed_memory
                 from .transform import LayerTransformer
 
+                # a modulation layer's permuted qweight (28 MB) and a shifted bias's fp64 temporaries, handed back
+                # to the kernel and faulted in again for every layer, cost a second of system time at full size
+                keep_freed_memory()
                 transformers.append(LayerTransformer(context(), session.plan, xp.tree))
             merged = transformers[0].merge(prefix)
         return transformers[0].outputs_of(prefix, merged)
