@@ -33,15 +33,15 @@ def usable(device: torch.device) -> bool:
 
 # -- the static loops (any device) ------------------------------------------------------------------------------
 def pivot_order_static(a: torch.Tensor, picks: torch.Tensor) -> None:
-    """Minimum-pivot Cholesky order of the symmetric matrix `a` (n x n, float64, overwritten): picks[k] = the
+    """Minimum-pivot Cholesky order of the symmetric matrix `a` (n x n, float32 or float64, overwritten): picks[k] = the
     k-th pivot. Taken rows stay in place with their diagonal at the largest float (out of every later argmin);
     the update of the rows not taken is the same as when taken rows are dropped."""
-    big = torch.finfo(a.dtype).max
+    big, tiny = torch.finfo(a.dtype).max, torch.finfo(a.dtype).tiny
     for k in range(a.shape[0]):
         pivot = torch.argmin(a.diagonal()).view(1)
         picks[k: k + 1].copy_(pivot)
         col = a.index_select(1, pivot).squeeze(1)
-        col = col / col.index_select(0, pivot).clamp_min(1e-300).sqrt()
+        col = col / col.index_select(0, pivot).clamp_min(tiny).sqrt()
         a.addr_(col, col, alpha=-1.0)
         a.diagonal().index_fill_(0, pivot, big)
 
@@ -49,8 +49,9 @@ def pivot_order_static(a: torch.Tensor, picks: torch.Tensor) -> None:
 class RoundingInputs:
     """The buffers of one static rounding: rows in rounding order (variables x rows). work: targets (consumed);
     scale / scale_div / zero: each variable's grid (a tail weight: its group's scale, the scale to divide by
-    and its zero; the bias: 1, 1, 0; a zero shift: 1, 1, the base zero); is_code (N',) bool; u, u_rel (u's rows
-    divided by their diagonal), u_diag. Outputs: codes (every row's code; kept for the tail weights), rounded
+    and its zero; the bias: 1, 1, 0; a zero shift: 1, 1, the base zero); is_code (N',) bool; u, u_rel_t (u's rows
+    divided by their diagonal, transposed), u_diag; value_code / value_float: a step's raw error as a code / as a bf16
+    value. Outputs: codes (every row's code; kept for the tail weights), rounded
     (every row's bf16 outcome; kept for the bias and the new zeros), errs (scaled errors), sum_e2 (O,)."""
 
     def __init__(self, nvar: int, rows: int, device: torch.device):
@@ -61,35 +62,44 @@ class RoundingInputs:
         self.codes, self.rounded, self.errs = (empty(nvar, rows) for _ in range(3))
         self.value_code, self.value_float = empty(rows), empty(rows)
         self.is_code = empty(nvar, dtype=torch.bool)
-        self.u, self.u_rel = empty(nvar, nvar), empty(nvar, nvar)
+        self.u, self.u_rel_t = empty(nvar, nvar), empty(nvar, nvar)
         self.u_diag = empty(nvar)
         self.sum_e2 = empty(rows)
 
 
 def sequential_round_static(b: RoundingInputs, block: int) -> None:
-    """`calibration.sequential_round` on buffers in rounding order, every step the same kernels."""
+    """`calibration.sequential_round` on buffers in rounding order, every step the same kernels (on the CPU,
+    the steps on one thread like there: a product's sums may be split differently on more)."""
+    from .calibration import cpu_threads
+
     nvar = b.work.shape[0]
     b.sum_e2.zero_()
     for i1 in range(0, nvar, block):
         i2 = min(i1 + block, nvar)
-        for i in range(i1, i2):
-            t, r, zero = b.work[i], b.errs[i], b.zero[i]
-            q = b.codes[i]
-            torch.sub(t, zero, out=q).div_(b.scale_div[i]).round_().clamp_(0, 15)
-            torch.addcmul(zero, q, b.scale[i], out=b.value_code)
-            rounded = b.rounded[i]
-            torch.add(t, zero, out=rounded)
-            rounded.copy_(rounded.to(torch.bfloat16))
-            torch.sub(rounded, zero, out=b.value_float)
-            torch.where(b.is_code[i], b.value_code, b.value_float, out=r)
-            torch.sub(t, r, out=r)
-            if i + 1 < i2:
-                b.work[i + 1: i2].addr_(b.u_rel[i, i + 1: i2], r, alpha=-1.0)
+        with cpu_threads(1, b.work.device):
+            _round_block(b, i1, i2)
         errs = b.errs[i1:i2]
         errs.div_(b.u_diag[i1:i2, None])
         b.sum_e2.add_(errs.square().sum(0))
         if i2 < nvar:
             b.work[i2:].addmm_(b.u[i1:i2, i2:].T, errs, alpha=-1.0)
+
+
+def _round_block(b: RoundingInputs, i1: int, i2: int) -> None:
+    for i in range(i1, i2):
+        t, r, zero = b.work[i], b.errs[i], b.zero[i]
+        if i > i1:
+            t.addmv_(b.errs[i1:i].T, b.u_rel_t[i, i1:i], alpha=-1.0)
+        q = b.codes[i]
+        torch.sub(t, zero, out=b.value_code)
+        torch.div(b.value_code, b.scale_div[i], out=q).round_().clamp_(0, 15)
+        b.value_code.addcmul_(q, b.scale[i], value=-1.0)
+        rounded = b.rounded[i]
+        torch.add(t, zero, out=rounded)
+        rounded.copy_(rounded.to(torch.bfloat16))
+        torch.sub(rounded, zero, out=b.value_float)
+        torch.sub(t, b.value_float, out=b.value_float)
+        torch.where(b.is_code[i], b.value_code, b.value_float, out=r)
 
 
 # -- on a CUDA device: captured once, replayed per layer ----------------------------------------------------------
@@ -123,7 +133,7 @@ def sequential_round(targets: torch.Tensor, perm: torch.Tensor, u: torch.Tensor,
         b.is_code.zero_().index_fill_(0, code_at, True)
         b.u.copy_(u)
         b.u_diag.copy_(u.diagonal())
-        torch.div(u, b.u_diag[:, None], out=b.u_rel)
+        b.u_rel_t.copy_((u / b.u_diag[:, None]).T)
 
     def unload(b: RoundingInputs) -> tuple[torch.Tensor, ...]:
         return (b.rounded[rank[0]].clone(), b.codes.index_select(0, code_at), b.rounded.index_select(0, zero_at),

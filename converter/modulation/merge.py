@@ -481,7 +481,7 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     return _RowsPart(p.with_columns(t.idx, new_codes), z_new, b_new, _sumsq(err), changed, int((~keep_row).sum()))
 
 
-_CHUNK_BYTES = 192 << 20  # fp32 working memory of one row chunk of the calibrated candidate
+_CHUNK_BYTES = 384 << 20  # fp32 working memory of one row chunk of the calibrated candidate
 
 
 def _row_chunks(p: LayerProblem, workers: int) -> list[tuple[int, int]]:
