@@ -296,7 +296,6 @@ class _Tail:
     group scales and zeros, and the rounding targets of [bias; tail weights; zero shifts]."""
 
     idx: torch.Tensor  # (m,) code columns that may change
-    q0_codes: torch.Tensor  # (m, O) base codes, uint8
     q0: torch.Tensor  # (m, O) base codes, float
     s_g: torch.Tensor  # (ng, O) group scales
     z_g: torch.Tensor  # (ng, O) group zeros
@@ -315,7 +314,6 @@ def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
     s_t, z_t = s_g[gidx], z_g[gidx]
     s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if bool((s_g <= 0).any()) else None
     q0 = p.columns(idx, torch.float32)
-    q0_codes = q0.to(torch.uint8)
     dw = comp = None
     if factors is not None:  # one rank-r product: the shift and ΔW on the tail columns together
         targets = factors.phi_left @ p.delta.up.T
@@ -325,7 +323,7 @@ def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
         targets[1: 1 + m] += dw
     targets[0] += p.bstar
     targets[1: 1 + m].addcmul_(q0, s_t).add_(z_t)
-    return _Tail(idx, q0_codes, q0, s_g, z_g, s_t, z_t, s_div, targets, dw, comp)
+    return _Tail(idx, q0, s_g, z_g, s_t, z_t, s_div, targets, dw, comp)
 
 
 RoundingPlan = tuple[torch.Tensor, torch.Tensor]  # (rounding order, update rows): see ModulationCalibration
@@ -476,8 +474,8 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     err += (z_new - p.z) @ p.xe.view(-1, p.n_groups, p.group).sum(-1).T
     err += (b_new - p.b0)[:, None]
     err -= p.signal
+    changed = int(torch.count_nonzero(dq))  # the codes that differ from the base
     new_codes = dq.add_(t.q0).to(torch.uint8)
-    changed = int(torch.count_nonzero(new_codes != t.q0_codes))  # on bytes: a quarter of the memory of floats
     return _RowsPart(p.with_columns(t.idx, new_codes), z_new, b_new, _sumsq(err), changed, int((~keep_row).sum()))
 
 
