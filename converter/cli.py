@@ -12,6 +12,7 @@ import click
 
 from . import __version__, api, interrupts
 from .errors import FileError, MergeError
+from .layers.base import one_heap
 from .layout import MODULATION_MODES, SVD_RANK
 from .usage import run_one_line
 
@@ -28,6 +29,7 @@ class DefaultGroup(click.Group):
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         """Usage errors as one `error:` line (exit 2), like every other error."""
+        one_heap()  # before the writer and compute threads start
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         return run_one_line(super().main, *args, **kwargs)

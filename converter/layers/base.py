@@ -51,6 +51,21 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
         return False
 
 
+def one_heap() -> bool:
+    """Ask glibc's malloc to serve every thread from one heap (arena). With a heap per thread each one keeps its
+    own freed memory (see keep_freed_memory): the modulation merge's two row-chunk threads took the full-size
+    merge to 1.33-1.59 GB peak RSS, one heap to 1.00 GB, no slower. Only effective before the threads start,
+    so the command line calls it first thing. Process-wide; best effort: a no-op where the C library is not
+    glibc."""
+    try:
+        import ctypes
+
+        m_arena_max = -8
+        return bool(ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 1))
+    except (OSError, AttributeError):
+        return False
+
+
 class MergeContext:
     """What the layers of one merge share: the base, the device, torch's thread setting and a cache for
     things computed once per run (the modulation inputs). The per-layer work outside the modulation layers
