@@ -262,6 +262,25 @@ def test_group_dots_in_packed_space(o, i):
     assert torch.allclose(group_dots(PACKER.pack_weight(q.clone()), v), want, rtol=1e-14, atol=1e-12)
 
 
+def test_group_dots_same_bits_without_int8_products(monkeypatch):
+    """Where torch has no int8 matrix product on the CPU, the fp32 product stands in: the same integer sums, so
+    the same bits; and the pieces carry v to fp64 accuracy even when a group's values span many octaves."""
+    from converter.codecs import svdq_weight
+    from converter.codecs.svdq_weight import group_dots
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-8, 8, (256, 512), generator=g, dtype=torch.int32)
+    v = torch.exp(torch.randn(512, generator=g, dtype=torch.float64) * 6)  # e^-20 .. e^20 within a group
+    v[64:128] = 0.0  # a group of zeros
+    packed = PACKER.pack_weight(q.clone())
+    fast = group_dots(packed, v)
+    monkeypatch.setattr(svdq_weight, "_INT8_MM", [False])
+    assert torch.equal(group_dots(packed, v), fast)
+    exact = (q.double().view(256, 8, 64) * v.view(8, 64)).sum(-1)
+    scale = (q.double().abs().view(256, 8, 64) * v.view(8, 64)).sum(-1)
+    assert ((fast - exact).abs() <= 1e-15 * scale).all()
+
+
 @pytest.mark.parametrize("o, i", [(8, 64), (64, 256), (1536, 3072)])
 def test_awq_column_read_and_write_in_packed_space(o, i):
     """The modulation merge reads and rewrites only the code columns that may change, in the packed nibbles:
