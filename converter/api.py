@@ -36,6 +36,7 @@ from .layout import SVD_RANK
 
 if TYPE_CHECKING:
     from .lorapaths import LoraSpec
+    from .st_reader import Checkpoint
 
 __all__ = ["merge", "plan", "batch", "verify", "export_diffusers", "LoraSpec", "Report", "VerifyReport",
            "MergeError", "FileError", "UnknownFamily", "UnsupportedFormat", "ShapeMismatch", "UnmappedKeys",
@@ -274,17 +275,17 @@ def _plan_outputs(ckpt, base: str, entries: list[tuple[str | None, list[LoraSpec
             session.close_loras()
             raise
         jobs.append(_job(session, out, replace=overwrite))
-        reports.append(_plan_report(base, session.plan, out, dry_run))
+        reports.append(_plan_report(session.base, session.plan, out, dry_run))
     for report, size in zip(reports, _planned_sizes(ckpt, jobs)):
         report["expected_output_bytes"] = size  # exact: the header as it will be written, and the tensors
     return reports
 
 
-def _plan_report(base: str, merge_plan, out: str, dry_run: bool) -> Report:
+def _plan_report(base: Checkpoint, merge_plan, out: str, dry_run: bool) -> Report:
     from .outputs import name_warning
     from .report import plan_report
 
-    report = Report(plan_report(merge_plan, base, os.path.getsize(base)))
+    report = Report(plan_report(merge_plan, base))
     report["dry_run"] = dry_run
     report["output_planned"] = out
     warning = name_warning(out, merge_plan.model.precision, merge_plan.new_rank)

@@ -31,10 +31,6 @@ class Model:
     def smoothing_bytes(self, prefix: str) -> bytes:
         return self.fused_smoothing[prefix]
 
-    def lowrank_bytes_per_rank(self) -> int:
-        """What one more unit of the uniform rank costs (proj_down + proj_up of every W4A4 layer, 16-bit)."""
-        return sum((l.in_features + l.out_features) * 2 for l in self.layers.values() if l.layout.is_svdq)
-
 
 def inventory(ckpt: Checkpoint) -> dict[str, Layer]:
     """Group the checkpoint's tensors into layers: each layer kind tells the layers of its layouts

@@ -5,9 +5,11 @@ further choices. No torch here: planning overlaps torch's import."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Mapping
 
 from mappings import FAMILIES, FOREIGN_SIGNATURES
 
@@ -19,6 +21,9 @@ from .lorafile import LoraFile, LoraModule
 from .model import Model
 from .naming import pattern
 from .repeats import Repeat, find_repeats, fold_repeats
+
+if TYPE_CHECKING:
+    from .st_reader import TensorInfo
 
 
 def rank_needed(op: LayerOp, svd_rank: int) -> int:
@@ -132,6 +137,16 @@ class Plan:
         if self.rank_changed and layer is not None and part in kind_of(layer).rank_parts:
             return (shape[0], self.new_rank)
         return shape
+
+    def added_bytes(self, base: Mapping[str, TensorInfo]) -> int:
+        """How many bytes the output's tensors add to the base's `base` (the low-rank parts grown or shrunk to
+        the new rank, each in its own dtype; the layer kinds say which parts carry the rank)."""
+        added = 0
+        for name, info in base.items():
+            shape = self.out_shape(name, info.shape)
+            if shape != info.shape:
+                added += (math.prod(shape) - math.prod(info.shape)) * info.itemsize
+        return added
 
     def rank_needed(self, op: LayerOp) -> int:
         return rank_needed(op, self.svd_rank)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .adapters import key_patterns
 from .layers import by_name, count_layers
 from .naming import human_bytes, pattern
 from .planner import Plan
+
+if TYPE_CHECKING:
+    from .st_reader import Checkpoint
 
 def module_pattern(key: str) -> str:
     """Key pattern without its adapter part suffix (`….lora_A.weight` -> `….*`): one line per module pattern."""
@@ -29,9 +34,10 @@ def _lora_entry(lf, acc) -> dict:
     }
 
 
-def plan_report(plan: Plan, base_path: str, base_bytes: int) -> dict:
+def plan_report(plan: Plan, base: Checkpoint) -> dict:
     m = plan.model
-    added = (plan.new_rank - m.rank) * m.lowrank_bytes_per_rank()
+    base_path, base_bytes = base.path, os.path.getsize(base.path)
+    added = plan.added_bytes(base.tensors)
     targets = [{"layer": p, "layout": op.layer.layout.value, "method": op.kind.name,
                 "from": sorted({f"{plan.loras[c.lora].name}:{c.module}" for c in op.contributions}),
                 "adapters": sorted({c.adapter.name for c in op.contributions}), "rank_added": plan.rank_needed(op)}

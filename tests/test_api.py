@@ -22,6 +22,7 @@ from lora_builders import random_lora_modules, write_lora
 import converter
 from converter import api
 from converter.errors import MergeError
+from converter.st_reader import Checkpoint
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES_RX = re.compile(r"<!-- python-api:begin -->(.*?)<!-- python-api:end -->", re.S)
@@ -77,6 +78,11 @@ def test_plan_is_the_dry_run_report_exactly(qwen_int4, tmp_path):
     report = api.plan(base, [f"{lora}:0.5"], out, max_rank=64)
     assert _as_json(report) == cli and report["dry_run"] is True and not out.exists()
     assert report["rank"]["to"] == 64
+    # the rank's cost, before anything is written: what the merge then adds to the base's tensors
+    api.merge(base, [f"{lora}:0.5"], out, max_rank=64, mod="skip")
+    with Checkpoint(base) as before, Checkpoint(out) as after:
+        grown = sum(t.nbytes for t in after.tensors.values()) - sum(t.nbytes for t in before.tensors.values())
+    assert report["rank"]["added_bytes"] == grown != 0
 
 
 def test_every_form_of_a_lora_plans_alike(qwen_int4, tmp_path):

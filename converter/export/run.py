@@ -66,7 +66,7 @@ def plan_export(base: str, lora_specs: list[LoraSpec], opts: Options, xo: Export
         tree = export_tree(s.model, s.plan, s.base)
         cfg, dropped = diffusers_config(s.model, tree, s.plan.new_rank)
         shards = plan_shards(tree.tensors, xo.max_shard_bytes)
-        rep = plan_report(s.plan, base, os.path.getsize(base))
+        rep = plan_report(s.plan, s.base)
         rep |= {"dry_run": xo.dry_run, "output_planned": target, "expected_output_bytes": tree.nbytes,
                 "export": _export_summary(s, tree, shards, cfg["quantization_config"])}
         if dropped:
