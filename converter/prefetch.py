@@ -5,8 +5,9 @@ last writes and fsync, the write queue's room); torch releases the GIL while it 
 work that must see the layers before it (the merge, which keeps records and shares a cache) runs in a section
 the workers pass in layer order, so every result and record is the one a sequential run makes.
 
-How many workers: the export two (its ops after the merge are light and thread-safe); the merge none (its layers
-are computed by the take that needs them: see pipeline.MERGE_WORKERS for the measurement)."""
+How many workers: the export two on 2 cores, up to six on more (its ops after the merge are thread-safe: see
+export/run.EXPORT_WORKERS); the merge none on the CPU (its layers are computed by the take that needs them: see
+pipeline.MERGE_WORKERS for the measurement) and one when its maths runs on a CUDA device."""
 
 from __future__ import annotations
 
