@@ -177,3 +177,29 @@ def test_modulation_accounting_is_honest(tmp_path):
         for layer in kept:
             for part in ("qweight", "wscales", "wzeros", "bias"):
                 assert torch.equal(b.get(f"{layer}.{part}").view(torch.uint8), m.get(f"{layer}.{part}").view(torch.uint8))
+
+
+@pytest.mark.parametrize("part, bad", [("zeros", float("nan")), ("bias", float("inf")), ("scales", -float("inf"))])
+def test_non_finite_results_are_refused(qwen, tmp_path, monkeypatch, part, bad):
+    """A modulation result that is not finite (NaN, ±inf) ends the merge with a MergeError naming the tensor and
+    no output, never a written file."""
+    from converter import api
+    from converter import modulation
+    from converter.errors import MergeError
+
+    base, _ = qwen
+    mods = random_lora_modules({MODS[0]: (6 * D, D)}, rank=8, seed=9, scale=0.08)
+    lp = tmp_path / "mod.safetensors"
+    write_lora(lp, mods, "comfy")
+    real = modulation.merge_modulation
+
+    def broken(*args, **kwargs):
+        res = real(*args, **kwargs)
+        getattr(res, part).view(-1)[3] = bad
+        return res
+
+    monkeypatch.setattr(modulation, "merge_modulation", broken)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(MergeError, match=f"non-finite values in {MODS[0]}"):
+        api.merge(base, [str(lp)], out)
+    assert not out.exists()
