@@ -124,7 +124,7 @@ class _FolderSink:
 
 
 # workers: the merge part of each layer takes turns in layer order, the export ops of several layers run at once
-# (each on one torch thread: a GELU-shift bias is ~50 ms of fp64 work a layer); two on 2 cores, up to 6 where
+# (each on one torch thread: a GELU-shift bias is ~32 ms of work a layer); two on 2 cores, up to 6 where
 # there are more. Up to 8 layers ahead of the writer (full-size export on 2 cores: 13.6-14.6 s against 14.9-15.2 s
 # with 2 ahead, peak RSS 0.68 against 0.67 GB: a layer's held results are its low-rank parts and, for a
 # modulation layer, one permuted qweight of 28 MB)

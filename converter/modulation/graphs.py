@@ -33,9 +33,9 @@ def usable(device: torch.device) -> bool:
 
 # -- the static loops (any device) ------------------------------------------------------------------------------
 def pivot_order_static(a: torch.Tensor, picks: torch.Tensor) -> None:
-    """Minimum-pivot Cholesky order of the symmetric matrix `a` (n x n, float32 or float64, overwritten): picks[k] = the
-    k-th pivot. Taken rows stay in place with their diagonal at the largest float (out of every later argmin);
-    the update of the rows not taken is the same as when taken rows are dropped."""
+    """Minimum-pivot Cholesky order of the symmetric matrix `a` (n x n, float32 or float64, overwritten):
+    picks[k] = the k-th pivot. Taken rows stay in place with their diagonal at the largest float (out of every
+    later argmin); the update of the rows not taken is the same as when taken rows are dropped."""
     big, tiny = torch.finfo(a.dtype).max, torch.finfo(a.dtype).tiny
     for k in range(a.shape[0]):
         pivot = torch.argmin(a.diagonal()).view(1)
