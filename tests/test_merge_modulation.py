@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
 
 import pytest
 import torch
@@ -203,3 +205,12 @@ def test_non_finite_results_are_refused(qwen, tmp_path, monkeypatch, part, bad):
     with pytest.raises(MergeError, match=f"non-finite values in {MODS[0]}"):
         api.merge(base, [str(lp)], out)
     assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_malloc_settings_are_accepted():
+    """glibc takes the heap settings the merge relies on for its memory (mallopt answers 0 for a parameter or
+    value it refuses): freed memory kept for the next layer, one heap for all threads."""
+    from converter.layers.base import keep_freed_memory, one_heap
+
+    assert one_heap() and keep_freed_memory()
