@@ -279,6 +279,9 @@ def test_group_dots_same_bits_without_int8_products(monkeypatch):
     exact = (q.double().view(256, 8, 64) * v.view(8, 64)).sum(-1)
     scale = (q.double().abs().view(256, 8, 64) * v.view(8, 64)).sum(-1)
     assert ((fast - exact).abs() <= 1e-15 * scale).all()
+    v[5] = float("inf")  # 1 / a zero smoothing factor: refused, never turned into finite garbage
+    with pytest.raises(CodecError, match="inf or NaN"):
+        group_dots(packed, v)
 
 
 @pytest.mark.parametrize("o, i", [(8, 64), (64, 256), (1536, 3072)])

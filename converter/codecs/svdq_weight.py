@@ -140,6 +140,7 @@ def group_dots(qweight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     i = half * 2
     _check_shape(o, i)
     require(v.shape == (i,), f"group_dots: vector of {tuple(v.shape)} for {i} inputs")
+    require(bool(torch.isfinite(v).all()), "group_dots: the vector holds inf or NaN (a zero smoothing factor?)")
     ng, nt = i // 64, o // 128
     # v as (kt, lk, sk, byte, nibble): k = kt*64 + sk*32 + lk*8 + r, and nibble r of a byte is 2*byte + (0 low, 1 high)
     pieces, exponent = _int8_pieces(v.double().reshape(ng, 2, 4, 4, 2).permute(0, 2, 1, 3, 4).reshape(ng, 64))
