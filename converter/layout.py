@@ -131,13 +131,17 @@ def split_rows(layer: Layer, names: tuple[str, ...]) -> dict[str, list[Segment]]
     return {c: [Segment(layer.prefix, i * n, 0, n, c)] for i, c in enumerate(names)}
 
 
-def split_modules(layer: Layer, suffix: str, modules: tuple[tuple[str, str], ...]) -> dict[str, list[Segment]]:
+def fused_modules(layer: Layer, fused: Mapping[str, tuple[tuple[str, str], ...]]
+                  ) -> dict[str, list[Segment]] | None:
     """The modules a fused layer's rows are, as a family declares them once for the LoRA's names and diffusers'
-    alike: `modules` = (component, module name after the block) in row order, equal parts; the layer's prefix is
-    the block's followed by `suffix`. {module's full name: its segments}."""
-    parent = layer.prefix[: -len(suffix)] + "."
-    segments = split_rows(layer, tuple(component for component, _ in modules))
-    return {parent + module: segments[component] for component, module in modules}
+    alike: `fused` = {layer prefix suffix: (component, module name after the block) in row order, equal parts}.
+    {module's full name: its segments}, or None when `layer` is none of them."""
+    for suffix, modules in fused.items():
+        if layer.prefix.endswith(suffix):
+            parent = layer.prefix[: -len(suffix)] + "."
+            segments = split_rows(layer, tuple(component for component, _ in modules))
+            return {parent + module: segments[component] for component, module in modules}
+    return None
 
 
 def fused_over(layers: list[Layer], names: tuple[str, ...]) -> list[Segment]:

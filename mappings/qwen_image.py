@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from converter.layout import Family, Layer, Segment, split_modules, whole
+from converter.layout import Family, Layer, Segment, fused_modules, whole
 from converter.layout import DiffusersPart, Layout
 
 if TYPE_CHECKING:
@@ -25,14 +25,6 @@ SHIFT_GELU = 0.171875
 # LoRAs and diffusers' QwenImageTransformer2DModel both use
 FUSED_QKV = {".attn.to_qkv": (("q", "attn.to_q"), ("k", "attn.to_k"), ("v", "attn.to_v")),
              ".attn.add_qkv_proj": (("q", "attn.add_q_proj"), ("k", "attn.add_k_proj"), ("v", "attn.add_v_proj"))}
-
-
-def fused_qkv(layer: Layer) -> dict[str, list[Segment]] | None:
-    """{module's full name: its rows} of a fused q/k/v layer; None for any other layer."""
-    for suffix, modules in FUSED_QKV.items():
-        if layer.prefix.endswith(suffix):
-            return split_modules(layer, suffix, modules)
-    return None
 
 
 class ModulationInterleave:
@@ -75,7 +67,7 @@ class QwenImage(Family):
 
     def diffusers_parts(self, layer: Layer) -> list[DiffusersPart]:
         """diffusers' attention calls to_q/to_k/to_v (add_q/k/v_proj) separately: the fused rows split in thirds."""
-        fused = fused_qkv(layer)
+        fused = fused_modules(layer, FUSED_QKV)
         if fused is not None:
             return [DiffusersPart.of(name, segments) for name, segments in fused.items()]
         return [DiffusersPart(layer.prefix, 0, layer.out_features)]
@@ -111,13 +103,13 @@ class QwenImage(Family):
             layer = layers.get(block + fused)
             if layer is None:
                 return None
-            out += fused_qkv(layer)[f"{block}.{modules[-1][1]}"]  # the V rows
+            out += fused_modules(layer, FUSED_QKV)[f"{block}.{modules[-1][1]}"]  # the V rows
         return out
 
     def lora_targets(self, layers: dict[str, Layer]) -> dict[str, list[Segment]]:
         targets = {p: whole(l) for p, l in layers.items()}
         for p, l in layers.items():
-            fused = fused_qkv(l)
+            fused = fused_modules(l, FUSED_QKV)
             if fused is not None:
                 targets.update(fused)
             elif p.endswith(".attn.to_out.0"):

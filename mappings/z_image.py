@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from converter.layout import Family, Layer, Segment, fused_over, split_modules, whole
+from converter.layout import Family, Layer, Segment, fused_modules, fused_over, whole
 from converter.layout import DiffusersPart
 
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.")
@@ -29,14 +29,6 @@ ALIASES = {
     "final_layer.linear": "all_final_layer.2-1.linear",
     "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
 }
-
-
-def fused_modules(layer: Layer) -> dict[str, list[Segment]] | None:
-    """{module's full name: its rows} of a block's fused layer (FUSED); None for any other layer."""
-    for suffix, modules in FUSED.items():
-        if layer.prefix.endswith(suffix):
-            return split_modules(layer, suffix, modules)
-    return None
 
 
 class ZImage(Family):
@@ -64,7 +56,7 @@ class ZImage(Family):
         layer = layers.get(prefix[: -len("to_out.0")] + "to_qkv")
         if layer is None:
             return None
-        return fused_modules(layer)[prefix[: -len("to_out.0")] + "to_v"]
+        return fused_modules(layer, FUSED)[prefix[: -len("to_out.0")] + "to_v"]
 
     # diffusers' ZImageTransformer2DModel (transformer_z_image.py): its __init__ arguments
     diffusers_class = "ZImageTransformer2DModel"
@@ -79,7 +71,7 @@ class ZImage(Family):
         p = layer.prefix
         if not _BLOCK.match(p):
             return [DiffusersPart(p, 0, layer.out_features)]
-        fused = fused_modules(layer)
+        fused = fused_modules(layer, FUSED)
         if fused is not None:
             return None if layer.has_bias else [DiffusersPart.of(name, segments) for name, segments in fused.items()]
         if p.endswith(DIFFUSERS_NO_BIAS) and layer.has_bias:
@@ -92,7 +84,7 @@ class ZImage(Family):
             if not _BLOCK.match(p):
                 continue
             if p.endswith(".attention.to_qkv"):
-                targets.update(fused_modules(l))
+                targets.update(fused_modules(l, FUSED))
                 targets[p[: -len("to_qkv")] + "qkv"] = whole(l)
             elif p.endswith(".attention.to_q") and p[:-1] + "k" in layers and p[:-1] + "v" in layers:
                 base = p[: -len("to_q")]  # skip_refiners: separate bf16 q/k/v; a fused LoRA spreads over them
@@ -101,7 +93,7 @@ class ZImage(Family):
             elif p.endswith(".attention.to_out.0"):
                 targets[p[: -len("to_out.0")] + "out"] = whole(l)
             elif p.endswith((".feed_forward.net.0.proj", ".feed_forward.net.2")):
-                targets.update(fused_modules(l))
+                targets.update(fused_modules(l, FUSED))
             elif p.endswith((".attention.norm_q", ".attention.norm_k")):
                 targets[p[:-len("norm_q")] + ("q_norm" if p.endswith("q") else "k_norm")] = whole(l)
         for alias, real in ALIASES.items():

@@ -232,9 +232,10 @@ def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
 
     ng = layer.in_features // GROUP
     ws, wz = ctx.base.get(layer.key("wscales")), ctx.base.get(layer.key("wzeros"))
+    bias_dtype = ctx.base.tensors[layer.key("bias")].torch_dtype if layer.has_bias else None
     written = [("wscales", res.scales, ws.dtype), ("wzeros", res.zeros, wz.dtype)]
     if layer.has_bias:
-        written.append(("bias", res.bias, ctx.base.tensors[layer.key("bias")].torch_dtype))
+        written.append(("bias", res.bias, bias_dtype))
     for part, values, dtype in written:  # on the fp32 results: isfinite on 16-bit tensors is several times slower
         if not float(values.abs().amax()) <= torch.finfo(dtype).max:  # NaN fails the comparison too
             raise MergeError(f"modulation merge produced non-finite values in {layer.key(part)}")
@@ -243,7 +244,7 @@ def _pack(ctx: MergeContext, layer: Layer, res) -> dict[str, torch.Tensor]:
     new_wz[:ng] = AwqGroupParams.pack(res.zeros).to(wz.dtype)
     out = {layer.key("qweight"): res.qweight, layer.key("wscales"): new_ws, layer.key("wzeros"): new_wz}
     if layer.has_bias:
-        out[layer.key("bias")] = res.bias.to(dtype=written[-1][2])
+        out[layer.key("bias")] = res.bias.to(bias_dtype)
     return out
 
 
