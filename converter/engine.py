@@ -13,6 +13,7 @@ tree each kind declares) and how it is written (`Sink`: one file, or shards with
 from __future__ import annotations
 
 import gc
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol
@@ -95,22 +96,24 @@ class Sink(Protocol):
 class LayerStream:
     """The changed layers of a pass, computed on `workers` threads in `schedule` order, at most `ahead` layers
     before the writer takes them (`take(key)`), with one MergeContext for all of them, made (and torch imported)
-    by the first layer's in-order section. A failure is raised by the `take` of its layer."""
+    by the first layer that asks for it. A failure is raised by the `take` of its layer."""
 
     def __init__(self, base: Checkpoint, model: Model, device: str, schedule: list[Hashable], compute: LayerCompute,
                  *, workers: int, ahead: int, name: str):
         self._base, self._model, self._device, self._compute = base, model, device, compute
         self._contexts: list[MergeContext] = []
+        self._context_lock = threading.Lock()
         # no workers: each layer is computed by the take that needs it, in the writer's thread
         self._prefetch = (LayerPrefetch(schedule, self._run, ahead=ahead, workers=workers, name=name) if workers
                           else None)
 
     def _context(self) -> MergeContext:
-        if not self._contexts:
-            from .layers import MergeContext
+        with self._context_lock:
+            if not self._contexts:
+                from .layers import MergeContext
 
-            self._contexts.append(MergeContext(self._base, self._model, self._device))
-        return self._contexts[0]
+                self._contexts.append(MergeContext(self._base, self._model, self._device))
+            return self._contexts[0]
 
     def _run(self, key: Hashable, in_order: InOrder) -> dict:
         return self._compute(key, in_order, self._context)

@@ -10,7 +10,7 @@ from typing import Callable
 from . import __version__
 from .engine import LayerStream, OutTensor, TensorFeed, post_write_check, progress_counter, run_pass
 from .errors import MergeError
-from .layers import MergeContext, merge_layer
+from .layers import MergeContext, compute_layer
 from .lorafile import LoraFile, LoraSpec, open_lora
 from .model import Model, load_model
 from .naming import counted, natural
@@ -274,8 +274,13 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
 
     def compute(key: tuple[int, str], in_order: InOrder, context: Callable[[], MergeContext]) -> dict:
         index, prefix = key
+        ctx = context()
+        with ctx.worker_stream():  # layers computed at once by several workers: only the records wait for order
+            merged, record = compute_layer(ctx, outs[index].plan, prefix)
         with in_order():
-            return merge_layer(context(), outs[index].plan, prefix, outs[index].job.session.records)
+            if record is not None:
+                outs[index].job.session.records.append(record)
+        return merged
 
     def layers() -> LayerStream:
         return LayerStream(base, jobs[0].session.model, device, compute_schedule(order, outs), compute,

@@ -101,3 +101,49 @@ def test_in_order_sections_take_turns_across_workers(failing):
     finally:
         feed.close()
     assert inside == [p for p in order if p != failing]
+
+
+def _merge_with_workers(tmp_path, monkeypatch, workers: int, device: str, name: str) -> tuple[bytes, list]:
+    """A merge of a LoRA on every kind of layer (W4A4, bf16, modulation), its layers computed by `workers`
+    threads (0: by the writer): the output's bytes and the report's layers in order."""
+    import json
+
+    from click.testing import CliRunner
+
+    from builders import build_qwen_checkpoint
+    from lora_builders import random_lora_modules, write_lora
+
+    from converter import pipeline
+    from converter.cli import main
+
+    base, lora = tmp_path / "b.safetensors", tmp_path / "l.safetensors"
+    if not base.exists():
+        truth = build_qwen_checkpoint(base, blocks=3, dim=256)
+        write_lora(lora, random_lora_modules(truth["lora_targets"], rank=8, seed=5, scale=0.05), "diffusers")
+    monkeypatch.setattr(pipeline, "MERGE_WORKERS_CUDA" if device == "cuda" else "MERGE_WORKERS", workers)
+    out = tmp_path / f"{name}.safetensors"
+    res = CliRunner().invoke(main, [str(base), str(lora), "-o", str(out), "--json", "--device", device])
+    assert res.exit_code == 0, res.output
+    return out.read_bytes(), [(r["layer"], r["method"]) for r in json.loads(res.stdout)["layers"]]
+
+
+def test_workers_computing_layers_at_once_change_nothing(tmp_path, monkeypatch):
+    """Layers computed by three workers at once (only their records wait for the layer order) give the file and
+    the report a merge computing one layer after the other gives."""
+    ref_bytes, ref_layers = _merge_with_workers(tmp_path, monkeypatch, 0, "cpu", "sequential")
+    assert any(method == "modulation" for _, method in ref_layers)
+    for attempt in range(2):
+        got_bytes, got_layers = _merge_with_workers(tmp_path, monkeypatch, 3, "cpu", f"workers{attempt}")
+        assert got_layers == ref_layers
+        assert got_bytes == ref_bytes
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_workers_on_their_own_streams_change_nothing(tmp_path, monkeypatch):
+    """On a CUDA device each worker computes on its own stream and the captured rounding loops are shared between
+    them: three workers give the bytes one gives."""
+    ref_bytes, ref_layers = _merge_with_workers(tmp_path, monkeypatch, 1, "cuda", "one")
+    for attempt in range(2):
+        got_bytes, got_layers = _merge_with_workers(tmp_path, monkeypatch, 3, "cuda", f"three{attempt}")
+        assert got_layers == ref_layers
+        assert got_bytes == ref_bytes

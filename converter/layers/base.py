@@ -9,6 +9,7 @@ To add a kind: a module here with one `LayerKind` subclass (`layouts=(...)`), im
 from __future__ import annotations
 
 import statistics
+import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Mapping
 
@@ -77,10 +78,34 @@ class MergeContext:
 
         self.base, self.model, self.device = base, model, device
         self.cache: dict = {}
+        self._cache_lock = threading.RLock()  # re-entrant: a shared thing may be made from other shared things
+        self._streams: dict[int, object] = {}
         self._threads = torch.get_num_threads()
         self._single = single_thread
         if single_thread:
             torch.set_num_threads(1)
+
+    def shared(self, name: str, make: Callable[[], object]) -> object:
+        """The run's one `name`, made by `make()` on first use (once, whichever thread asks first)."""
+        with self._cache_lock:
+            if name not in self.cache:
+                self.cache[name] = make()
+            return self.cache[name]
+
+    @contextmanager
+    def worker_stream(self) -> Iterator[None]:
+        """On a CUDA device: the calling thread's own CUDA stream for the block, so that a layer's host round trips
+        (figures, the results' copies back) wait for its own kernels only, not for another worker's layer. Else
+        nothing."""
+        if not self.device.startswith("cuda"):
+            yield
+            return
+        import torch
+
+        with self._cache_lock:
+            stream = self._streams.setdefault(threading.get_ident(), torch.cuda.Stream(self.device))
+        with torch.cuda.stream(stream):
+            yield
 
     @contextmanager
     def all_threads(self) -> Iterator[None]:
@@ -102,12 +127,19 @@ class MergeContext:
 def merge_layer(ctx: MergeContext, plan: Plan, prefix: str, records: list[dict]) -> dict[str, torch.Tensor]:
     """Layer `prefix`'s tensors that the merge rewrites, made by its kind (the same for a merged file and an
     export); the kind's fidelity record, if any, is appended to `records` as {"layer", "method", ...}."""
+    merged, record = compute_layer(ctx, plan, prefix)
+    if record is not None:
+        records.append(record)
+    return merged
+
+
+def compute_layer(ctx: MergeContext, plan: Plan, prefix: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(layer `prefix`'s rewritten tensors, its fidelity record {"layer", "method", ...} or None). Layers may be
+    computed at once on several threads (a CUDA merge's workers): what they share goes through `ctx.shared`."""
     layer = plan.model.layers[prefix]
     kind = kind_of(layer)
     merged, record = kind.apply(ctx, plan, layer, plan.ops.get(prefix))
-    if record is not None:
-        records.append({"layer": prefix, "method": kind.name} | record)
-    return merged
+    return merged, None if record is None else {"layer": prefix, "method": kind.name} | record
 
 
 class VerifyContext(MergeContext):

@@ -111,8 +111,8 @@ class LowRankAppend(LayerKind, layouts=(Layout.SVDQ_INT4, Layout.SVDQ_NVFP4)):
         pd, pu = ctx.base.get(layer.key("proj_down")), ctx.base.get(layer.key("proj_up"))
         d_add = u_add = rec = None
         if op is not None and op.has_dense:
-            if ctx.device == "cpu" and "heap_kept" not in ctx.cache:
-                ctx.cache["heap_kept"] = keep_freed_memory()
+            if ctx.device == "cpu":
+                ctx.shared("heap_kept", keep_freed_memory)
             with ctx.all_threads():  # O x I products and a randomized SVD: every thread helps
                 d_add, u_add, rec = _svd_part(ctx, op, pd.dtype, plan.new_rank - pd.shape[1])
         elif op is not None and cls.added_rank(op):

@@ -6,6 +6,7 @@ never worse than the base layer on held-out timesteps (e_mod ≤ 1)."""
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Mapping
 
@@ -47,23 +48,32 @@ class ModulationInputs:
         self.x_calib = M.modulation_inputs(w1, b1, w2, b2, M.calibration_sigmas(), addition_t_embedding=add)
         self.x_eval = M.modulation_inputs(w1, b1, w2, b2, M.evaluation_sigmas(), addition_t_embedding=add)
         self._calibration = None
+        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, ctx: MergeContext) -> ModulationInputs:
-        if "modulation" not in ctx.cache:
+        def make() -> ModulationInputs:
             if ctx.device == "cpu":
                 keep_freed_memory()
-            ctx.cache["modulation"] = cls(ctx)
-        return ctx.cache["modulation"]
+            return cls(ctx)
+
+        return ctx.shared("modulation", make)
 
     @property
     def calibration(self):
-        """Everything that depends on the calibration inputs alone: built once, shared by every layer."""
-        if self._calibration is None:
-            from ..modulation import ModulationCalibration
+        """Everything that depends on the calibration inputs alone: built once, shared by every layer (on a CUDA
+        device finished before it is handed out: the layers that use it may run on other streams)."""
+        with self._lock:
+            if self._calibration is None:
+                from ..modulation import ModulationCalibration
 
-            self._calibration = ModulationCalibration.build(self.x_calib, device=self.device)
-        return self._calibration
+                calibration = ModulationCalibration.build(self.x_calib, device=self.device)
+                if calibration.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.current_stream(calibration.device).synchronize()
+                self._calibration = calibration
+            return self._calibration
 
 
 class Modulation(LayerKind, layouts=(Layout.AWQ_W4A16,)):

@@ -148,6 +148,7 @@ class _Graphed:
 
     def __init__(self, buffers, body: Callable[[], None]):
         self.buffers = buffers
+        self.released: torch.cuda.Event | None = None  # recorded after a replay's results were copied out
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # a warm-up outside the capture (lazy inits, workspaces)
@@ -178,13 +179,20 @@ def _run(key: tuple, make_buffers: Callable[[], object], body: Callable[[object]
          load: Callable[[object], None], unload: Callable[[object], object]):
     """load(buffers); body(buffers), replayed from the graph captured for `key` (or launched where capture
     failed, or launched as they are off CUDA: `key` ends with the device); unload(buffers). One at a time: the
-    buffers of a key are shared by all its calls."""
+    buffers of a key are shared by all its calls, also by calls on other CUDA streams (a merge's workers each
+    have their own), whose kernels wait on the device for the previous call's copies out (no host wait)."""
     with _LOCK:
         graphed = _GRAPHS.get(key) or (_capture(key, make_buffers, body) if usable(key[-1]) else None)
-        buffers = make_buffers() if graphed is None else graphed.buffers
-        load(buffers)
         if graphed is None:
+            buffers = make_buffers()
+            load(buffers)
             body(buffers)
-        else:
-            graphed.graph.replay()
-        return unload(buffers)
+            return unload(buffers)
+        if graphed.released is not None:
+            torch.cuda.current_stream().wait_event(graphed.released)
+        load(graphed.buffers)
+        graphed.graph.replay()
+        out = unload(graphed.buffers)
+        graphed.released = torch.cuda.Event()
+        graphed.released.record()
+        return out
