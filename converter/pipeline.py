@@ -254,7 +254,7 @@ def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, s
 # two layers' temporaries were alive at once. On a CUDA device the maths leaves the cores free: one worker
 # computes the next layers while the writer copies the tensors between them (full size, H100: 17.7-18.5 s against
 # 18.0-18.8 s without; that merge is bound by the one thread that computes the 600 layers, see README)
-MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA = 2, 0, 1
+MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA = 2, 0, 4
 
 
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:

@@ -207,6 +207,28 @@ def test_non_finite_results_are_refused(qwen, tmp_path, monkeypatch, part, bad):
     assert not out.exists()
 
 
+def test_a_failed_rounding_factorization_is_refused(qwen, tmp_path, monkeypatch):
+    """The rounding plan's factorization is not checked where it is made (on a GPU that would wait for the
+    device): should it fail, the merge still ends with a MergeError and no output, never NaN codes on disk."""
+    from converter import api
+    from converter.errors import MergeError
+
+    base, _ = qwen
+    lp = tmp_path / "mod.safetensors"
+    write_lora(lp, random_lora_modules({MODS[0]: (6 * D, D)}, rank=8, seed=9, scale=0.08), "comfy")
+    real = torch.linalg.cholesky_ex
+
+    def failing(a, **kwargs):
+        lr, info = real(a, **kwargs)
+        return lr, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(MergeError, match="calibrated rounding of a modulation layer failed"):
+        api.merge(base, [str(lp)], out)
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_malloc_settings_are_accepted():
     """glibc takes the heap settings the merge relies on for its memory (mallopt answers 0 for a parameter or

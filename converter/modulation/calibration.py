@@ -155,7 +155,10 @@ class ModulationCalibration:
         perm = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), 1 + order])
         hp = h[perm][:, perm]
         # U with inv(hp) = U^T U, U upper: with J the reversal, J hp J = L L^T gives U = J inv(L) J
-        lr = torch.linalg.cholesky(hp.flip(0, 1))
+        # hp is gram_damped permuted, whose factorization succeeded in `build`. Should this one fail all the same,
+        # NaN spreads to the rounding's error figure, which the merge refuses: no host round trip here
+        lr, info = torch.linalg.cholesky_ex(hp.flip(0, 1))
+        lr.masked_fill_(info.ne(0), math.nan)
         eye = torch.eye(lr.shape[0], dtype=lr.dtype, device=dev)
         u = torch.linalg.solve_triangular(lr, eye, upper=False).flip(0, 1)
         return perm, u.float()

@@ -21,9 +21,9 @@ import torch
 log = logging.getLogger(__name__)
 
 ENABLED = True  # tests switch it off to compare with the launched loops
-_LOCK = threading.Lock()  # one replay at a time: a graph's buffers are shared
+_LOCK = threading.Lock()
 _GRAPHS: dict[tuple, _Graphed] = {}
-_GRAPHS_KEPT = 4
+_GRAPHS_KEPT = 16  # two loops for each CUDA stream (a merge's worker) and layer shape
 _FAILED: set[tuple] = set()
 
 
@@ -136,19 +136,20 @@ def sequential_round(targets: torch.Tensor, perm: torch.Tensor, u: torch.Tensor,
         b.u_rel_t.copy_((u / b.u_diag[:, None]).T)
 
     def unload(b: RoundingInputs) -> tuple[torch.Tensor, ...]:
-        return (b.rounded[rank[0]].clone(), b.codes.index_select(0, code_at), b.rounded.index_select(0, zero_at),
-                b.sum_e2.clone())
+        # index_select, not rounded[rank[0]]: indexing by a device scalar would wait for the device
+        return (b.rounded.index_select(0, rank[:1]).squeeze(0), b.codes.index_select(0, code_at),
+                b.rounded.index_select(0, zero_at), b.sum_e2.clone())
 
     return _run(("round", nvar, rows, block, targets.device), lambda: RoundingInputs(nvar, rows, targets.device),
                 lambda b: sequential_round_static(b, block), load, unload)
 
 
 class _Graphed:
-    """One captured loop and the buffers it reads and writes."""
+    """One captured loop, the buffers it reads and writes, and the lock of their one user at a time."""
 
     def __init__(self, buffers, body: Callable[[], None]):
         self.buffers = buffers
-        self.released: torch.cuda.Event | None = None  # recorded after a replay's results were copied out
+        self.lock = threading.Lock()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # a warm-up outside the capture (lazy inits, workspaces)
@@ -177,22 +178,25 @@ def _capture(key: tuple, make_buffers: Callable[[], object], body: Callable[[obj
 
 def _run(key: tuple, make_buffers: Callable[[], object], body: Callable[[object], None],
          load: Callable[[object], None], unload: Callable[[object], object]):
-    """load(buffers); body(buffers), replayed from the graph captured for `key` (or launched where capture
-    failed, or launched as they are off CUDA: `key` ends with the device); unload(buffers). One at a time: the
-    buffers of a key are shared by all its calls, also by calls on other CUDA streams (a merge's workers each
-    have their own), whose kernels wait on the device for the previous call's copies out (no host wait)."""
-    with _LOCK:
-        graphed = _GRAPHS.get(key) or (_capture(key, make_buffers, body) if usable(key[-1]) else None)
-        if graphed is None:
-            buffers = make_buffers()
-            load(buffers)
-            body(buffers)
-            return unload(buffers)
-        if graphed.released is not None:
-            torch.cuda.current_stream().wait_event(graphed.released)
+    """load(buffers); body(buffers), replayed from the graph captured for `key` on the current CUDA stream (or
+    launched where capture failed, or launched as they are off CUDA: `key` ends with the device); unload(buffers).
+
+    A graph and its buffers per stream: a merge's workers each compute on their own stream, so their loops run
+    side by side on the device (each is thousands of kernels too small to fill it), and the stream's order alone
+    keeps one replay's results from being overwritten by the next (the lock only orders the launches of threads
+    sharing a stream). Nothing here waits for the device."""
+    device = key[-1]
+    graphed = None
+    if usable(device):
+        key = key[:-1] + (torch.cuda.current_stream(device).cuda_stream, device)
+        with _LOCK:  # one capture at a time
+            graphed = _GRAPHS.get(key) or _capture(key, make_buffers, body)
+    if graphed is None:
+        buffers = make_buffers()
+        load(buffers)
+        body(buffers)
+        return unload(buffers)
+    with graphed.lock:
         load(graphed.buffers)
         graphed.graph.replay()
-        out = unload(graphed.buffers)
-        graphed.released = torch.cuda.Event()
-        graphed.released.record()
-        return out
+        return unload(graphed.buffers)

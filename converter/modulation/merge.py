@@ -15,6 +15,7 @@ import torch
 
 from ..codecs import group_dequantize
 from ..codecs.awq_w4a16 import GROUP, AwqQWeight, qweight_columns, replace_qweight_columns
+from ..errors import MergeError
 from ..layout import MODULATION_MODES
 from .calibration import (DEFAULT_DAMP, DEFAULT_TAIL, ModulationCalibration, bf16, check_bf16_exact, cpu_threads,
                           same_device, sequential_round, ulp_bf16)
@@ -123,6 +124,7 @@ class LayerProblem:
     xbar: torch.Tensor  # (I,) mean input over the calibration sigmas
     group: int
     signal: torch.Tensor | None = None  # computed when not given
+    zero_scale: bool = True  # whether some scale is 0 (or may be: True is always right, False is faster)
 
     def __post_init__(self) -> None:
         self.bstar = self.b0 + self.db
@@ -137,7 +139,7 @@ class LayerProblem:
         return LayerProblem(None if self.codes is None else self.codes[r0:r1],
                             None if self.packed is None else self.packed[r0 // 4: (r1 + 3) // 4],
                             self.s[r0:r1], self.z[r0:r1], self.b0[r0:r1], self.db[r0:r1], self.delta.row_slice(r0, r1),
-                            self.xe, self.calib, self.xbar, self.group, self.signal[r0:r1])
+                            self.xe, self.calib, self.xbar, self.group, self.signal[r0:r1], self.zero_scale)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -223,11 +225,13 @@ def layer_problem(codes, scales, zeros, bias, delta_w: DeltaW, delta_b, x_calib,
         raise ValueError(f"x_eval must be (n, {in_f})")
     calib = _calibration(x_calib, in_f, mode, group_size, dev, tail, damp)
     xbar = calib.mean if calib is not None else x_calib.to(dev, torch.float32).mean(0)
-    return LayerProblem(codes, packed, check_bf16_exact("scales", scales.to(dev)),
-                        check_bf16_exact("zeros", zeros.to(dev)),
-                        check_bf16_exact("bias", bias.to(dev)),
+    # checked where they come from (the CPU, for a merge): on a GPU each check would wait for the device
+    scales, zeros, bias = (check_bf16_exact(name, t) for name, t in (("scales", scales), ("zeros", zeros),
+                                                                     ("bias", bias)))
+    return LayerProblem(codes, packed, scales.to(dev), zeros.to(dev), bias.to(dev),
                         torch.zeros(o, device=dev) if delta_b is None else delta_b.to(dev, torch.float32),
-                        _Delta(delta_w, (o, in_f), dev), xe, calib, xbar, group_size)
+                        _Delta(delta_w, (o, in_f), dev), xe, calib, xbar, group_size,
+                        zero_scale=bool((scales <= 0).any()))
 
 
 # -- the candidates ---------------------------------------------------------------------------------------------
@@ -312,7 +316,7 @@ def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
     m, gidx = idx.numel(), idx // p.group
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
     s_t, z_t = s_g[gidx], z_g[gidx]
-    s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if bool((s_g <= 0).any()) else None
+    s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if p.zero_scale else None
     q0 = p.columns(idx, torch.float32)
     dw = comp = None
     if factors is not None:  # one rank-r product: the shift and ΔW on the tail columns together
@@ -476,7 +480,11 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     err -= p.signal
     changed = int(torch.count_nonzero(dq))  # the codes that differ from the base
     new_codes = dq.add_(t.q0).to(torch.uint8)
-    return _RowsPart(p.with_columns(t.idx, new_codes), z_new, b_new, _sumsq(err), changed, int((~keep_row).sum()))
+    err_sumsq = _sumsq(err)
+    if math.isnan(err_sumsq):  # the inputs are finite (checked): the rounding plan's factorization failed
+        raise MergeError("the calibrated rounding of a modulation layer failed (its Cholesky factorization); "
+                         "nothing was written; --mod biasfold merges this LoRA without it")
+    return _RowsPart(p.with_columns(t.idx, new_codes), z_new, b_new, err_sumsq, changed, int((~keep_row).sum()))
 
 
 # fp32 working memory of one row chunk of the calibrated candidate: two chunks a full-size layer (a chunk's 561
