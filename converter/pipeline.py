@@ -254,7 +254,7 @@ def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, s
 # two layers' temporaries were alive at once. On a CUDA device the maths leaves the cores free: one worker
 # computes the next layers while the writer copies the tensors between them (full size, H100: 17.7-18.5 s against
 # 18.0-18.8 s without; that merge is bound by the one thread that computes the 600 layers, see README)
-MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA = 2, 0, 4
+MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA, MERGE_AHEAD_CUDA = 2, 0, 4, 16
 
 
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
@@ -285,7 +285,7 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
     def layers() -> LayerStream:
         return LayerStream(base, jobs[0].session.model, device, compute_schedule(order, outs), compute,
                            workers=MERGE_WORKERS_CUDA if device.startswith("cuda") else MERGE_WORKERS,
-                           ahead=MERGE_AHEAD, name="merge-compute")
+                           ahead=MERGE_AHEAD_CUDA if device.startswith("cuda") else MERGE_AHEAD, name="merge-compute")
 
     def write(stream: LayerStream) -> None:
         for out in outs:

@@ -147,3 +147,26 @@ def test_cuda_workers_on_their_own_streams_change_nothing(tmp_path, monkeypatch)
         got_bytes, got_layers = _merge_with_workers(tmp_path, monkeypatch, 3, "cuda", f"three{attempt}")
         assert got_layers == ref_layers
         assert got_bytes == ref_bytes
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_workers_start_dense_updates_at_once(tmp_path):
+    """Full diffs on several W4A4 layers (a truncated SVD each) computed by the CUDA workers in a fresh process:
+    their first linear algebra calls come at once, which torch's lazy loading of its CUDA linear algebra does not
+    survive unless it was loaded before the workers started."""
+    import subprocess
+    import sys
+
+    import adapter_oracles as O
+    from builders import build_qwen_checkpoint
+
+    base, lora = tmp_path / "b.safetensors", tmp_path / "d.safetensors"
+    build_qwen_checkpoint(base, blocks=2, dim=256)
+    specs = {f"transformer_blocks.{b}.{name}": O.random_full_diff(*shape, bias=False, seed=10 * b + i)
+             for b in range(2) for i, (name, shape) in enumerate([("img_mlp.net.2", (256, 1024)),
+                                                                   ("txt_mlp.net.2", (256, 1024)),
+                                                                   ("attn.to_out.0", (256, 256))])}
+    O.write_adapter_file(lora, specs, "lycoris-prefix")
+    res = subprocess.run([sys.executable, "-m", "converter.cli", str(base), str(lora), "-o",
+                          str(tmp_path / "o.safetensors"), "--device", "cuda", "-q"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -84,6 +84,10 @@ class MergeContext:
         self._single = single_thread
         if single_thread:
             torch.set_num_threads(1)
+        if device.startswith("cuda"):
+            # torch loads its CUDA linear algebra on the first such call, and two threads making their first
+            # call at once fail ("lazy wrapper should be called at most once"): one call now, before any worker
+            torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
 
     def shared(self, name: str, make: Callable[[], object]) -> object:
         """The run's one `name`, made by `make()` on first use (once, whichever thread asks first)."""
