@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .model import Model
     from .st_writer import StreamingWriter
 
-# compute(key, in_order, context) -> the layer's tensors; `context()` gives the pass's merge context (call it inside
-# the in-order section: its first call makes it)
+# compute(key, in_order, context) -> the layer's tensors; `context()` gives the pass's merge context (its first call
+# makes it, whichever worker calls first)
 LayerCompute = Callable[[Hashable, InOrder, Callable[[], "MergeContext"]], dict]
 
 

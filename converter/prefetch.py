@@ -7,7 +7,8 @@ the workers pass in layer order, so every result and record is the one a sequent
 
 How many workers: the export two on 2 cores, up to six on more (its ops after the merge are thread-safe: see
 export/run.EXPORT_WORKERS); the merge none on the CPU (its layers are computed by the take that needs them: see
-pipeline.MERGE_WORKERS for the measurement) and one when its maths runs on a CUDA device."""
+pipeline.MERGE_WORKERS for the measurement) and four when its maths runs on a CUDA device, where only the
+records of its layers wait for the layer order (each worker on its own CUDA stream)."""
 
 from __future__ import annotations
 
