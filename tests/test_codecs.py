@@ -294,7 +294,8 @@ def test_awq_column_read_and_write_in_packed_space(o, i):
     g = torch.Generator().manual_seed(o + i)
     codes = torch.randint(0, 16, (o, i), generator=g, dtype=torch.uint8)
     packed = AwqQWeight.pack(codes)
-    for idx in (torch.randperm(i, generator=g)[: max(1, i // 6)], torch.arange(64), torch.tensor([i - 1, 0, 8])):
+    for idx in (torch.randperm(i, generator=g)[: max(1, i // 6)], torch.arange(64), torch.tensor([i - 1, 0, 8]),
+                torch.arange(0), torch.tensor([i - 2, i - 1, 1, 0, 32, 40])):  # none; byte-sharing pairs
         assert torch.equal(qweight_columns(packed, idx), codes[:, idx].T)  # a column per row
         new = torch.randint(0, 16, (idx.numel(), o), generator=g, dtype=torch.uint8)
         want = codes.clone()

@@ -54,33 +54,38 @@ def _column_bytes(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """The codes of input columns `idx` (m,) of a packed qweight, (m, O) of `dtype` (a column per row: the layout
     the modulation merge works in), without unpacking the others."""
-    o4, m = qweight.shape[0], idx.numel()
+    m = idx.numel()
+    if m == 0:
+        return torch.empty(0, qweight.shape[0] * 4, dtype=dtype, device=qweight.device)
     where, high = _column_bytes(idx.to(qweight.device))
-    picked = qweight.contiguous().view(torch.uint8)[:, where.reshape(-1)]  # (O/4, (r, column))
-    picked = (picked >> (4 * high).to(torch.uint8).repeat(4)).bitwise_and_(0xF)
-    # (O/4, (r, column)) is (O, m) row-major: one 2-D transpose, on float32 (torch moves single bytes, and
-    # 3-D permutations, several times slower)
-    columns = picked.float().view(o4 * 4, m).T.contiguous()
-    return columns if dtype == torch.float32 else columns.to(dtype)
+    # the bytes in (column, r) order: a packed row's four r of one column are then one int32, so the transpose to
+    # a column per row moves int32s (torch moves single bytes, and 3-D permutations, several times slower)
+    picked = qweight.contiguous().view(torch.uint8).index_select(1, where.T.reshape(-1))  # (O/4, (column, r))
+    columns = picked.view(torch.int32).T.contiguous().view(torch.uint8)  # (m, O)
+    columns = columns.bitwise_right_shift_((4 * high).to(torch.uint8)[:, None]).bitwise_and_(0xF)
+    return columns if dtype == torch.uint8 else columns.to(dtype)
 
 
 def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of a packed qweight whose input columns `idx` (m,) hold `codes` (m, O) 0..15 (a column per row);
-    every other nibble is copied as it is. Works on the int32 words transposed (a row per word position:
-    whole-row gathers and scatters): each (row, column) has its own nibble field in one word, so the new
-    fields of a word add up to its new bits."""
+    every other nibble is copied as it is. Two columns may share a byte (its low and its high nibble), so the
+    low nibbles are written first, then the high ones: within one half every byte is another. `idx` may stay on
+    the CPU for a qweight on a GPU (its split into halves then needs no wait for the device)."""
     o4, m = qweight.shape[0], idx.numel()
-    where, high = _column_bytes(idx.to(qweight.device))
-    byte = where.reshape(-1)
-    word, inverse = torch.unique(byte // 4, return_inverse=True)
-    shift = (8 * (byte % 4) + 4 * high.repeat(4)).to(torch.int32)  # of each (r, column) field in its word
-    fields = codes.to(torch.int32).view(m, o4, 4).permute(2, 0, 1).reshape(4 * m, o4) << shift[:, None]
-    new_bits = torch.zeros(word.numel(), o4, dtype=torch.int32, device=qweight.device).index_add_(0, inverse, fields)
-    mask = torch.zeros(word.numel(), dtype=torch.int32, device=qweight.device)
-    mask.index_add_(0, inverse, torch.full_like(shift, 0xF) << shift)
-    words = qweight.T.contiguous()  # (I/2, O/4)
-    words[word] = words[word].bitwise_and_(~mask[:, None]).bitwise_or_(new_bits)
-    return words.T.contiguous()
+    if m == 0:
+        return qweight.contiguous().clone()
+    where, high = _column_bytes(idx)
+    shifted = codes.to(torch.uint8) << (4 * high).to(device=codes.device, dtype=torch.uint8)[:, None]
+    fields = shifted.view(torch.int32).T.contiguous().view(torch.uint8).view(o4, m, 4)  # (O/4, column, r)
+    out = qweight.contiguous().clone()
+    out_bytes = out.view(torch.uint8)
+    for half, keep in ((0, 0xF0), (1, 0x0F)):
+        cols = (high == half).nonzero().squeeze(1)
+        if cols.numel():
+            at = where[:, cols].T.reshape(-1).to(qweight.device)
+            new = fields.index_select(1, cols.to(qweight.device)).reshape(o4, -1)
+            out_bytes.index_copy_(1, at, out_bytes.index_select(1, at).bitwise_and_(keep).bitwise_or_(new))
+    return out
 
 
 class AwqGroupParams(Codec, name="awq_group_params"):

@@ -135,6 +135,7 @@ class ModulationCalibration:
     n_points: int
     device: torch.device
     build_seconds: float = 0.0
+    tail_host: torch.Tensor | None = None  # `tail` on the CPU (indexes the packed codes with no wait for a GPU)
 
     def rounding_plan(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rounding order and GPTQ update rows for free variables whose grid steps are `steps` (N',).
@@ -225,6 +226,7 @@ class ModulationCalibration:
             n_points=n,
             device=dev,
             build_seconds=time.perf_counter() - t0,
+            tail_host=tail_idx.cpu(),
         )
 
 

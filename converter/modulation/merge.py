@@ -486,7 +486,8 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     if math.isnan(err_sumsq):  # the inputs are finite (checked): the rounding plan's factorization failed
         raise MergeError("the calibrated rounding of a modulation layer failed (its Cholesky factorization); "
                          "nothing was written; --mod biasfold merges this LoRA without it")
-    return _RowsPart(p.with_columns(t.idx, new_codes), z_new, b_new, err_sumsq, changed, int((~keep_row).sum()))
+    tail = p.calib.tail_host if p.calib.tail_host is not None else t.idx
+    return _RowsPart(p.with_columns(tail, new_codes), z_new, b_new, err_sumsq, changed, int((~keep_row).sum()))
 
 
 # fp32 working memory of one row chunk of the calibrated candidate: two chunks a full-size layer (a chunk's 561
