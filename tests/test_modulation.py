@@ -342,6 +342,29 @@ def test_graph_loops_compute_the_same_bits(small, monkeypatch):
     assert compared == [True] and res.action == "calibrated"
 
 
+def test_compiled_loops_compute_the_same_bits(small, monkeypatch):
+    """The CPU's two sequential loops run compiled (TorchScript, no interpreter lock between their ops): the same
+    bits as the same functions run from Python, on a layer in two row chunks rounded on two threads at once."""
+    from converter.modulation import loops
+    from converter.modulation import merge as M
+
+    if hasattr(torch.jit, "script"):  # where torch still has TorchScript, the loops are compiled
+        assert isinstance(loops.compiled(loops.round_block), torch.jit.ScriptFunction)
+        assert isinstance(loops.compiled(loops.pivot_order), torch.jit.ScriptFunction)
+    _, _, xe, cal = small
+    codes, scales, zeros, bias, lora = _layer(256, 32, 0.03, seed=18)
+    monkeypatch.setattr(M, "_CHUNK_BYTES", 1 << 16)  # several row chunks
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(loops, "ENABLED", enabled)
+        p = M.layer_problem(codes, scales, zeros, bias, lora, None, cal, xe, mode="calibrated", group_size=G,
+                            dev=torch.device("cpu"), tail=None, damp=3e-3)
+        runs.append(M.calibrated(p, M.biasfold(p), workers=2))
+    got, want = runs
+    assert torch.equal(got.written_codes, want.written_codes) and torch.equal(got.zeros, want.zeros)
+    assert torch.equal(got.bias, want.bias) and got.e_mod == want.e_mod and got.codes_changed > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_graphs_change_nothing(small, monkeypatch):
     """On a CUDA device the two loops replay captured graphs: the same bits as launching their kernels."""

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from ..codecs.awq_w4a16 import GROUP
-from . import graphs
+from . import graphs, loops
 
 DEFAULT_TAIL = 512
 DEFAULT_DAMP = 3e-3
@@ -92,24 +92,8 @@ def _checked_inputs(x_calib: torch.Tensor, weights: torch.Tensor | None, group_s
 
 def _pivot_order(a: torch.Tensor) -> torch.Tensor:
     """Minimum-pivot Cholesky order of the symmetric matrix `a` (overwritten): the pivots in the order taken."""
-    dev = a.device
-    alive = torch.arange(a.shape[0], device=dev)  # original index of each row of `a`
-    big, tiny = torch.finfo(a.dtype).max, torch.finfo(a.dtype).tiny
-    picks: list[torch.Tensor] = []
-    with cpu_threads(1, dev):
-        while alive.numel():
-            for _ in range(min(64, alive.numel())):  # then drop the rows taken, to shrink the updates
-                # the pivot stays a device tensor (index_select, not int()): no host round trip per step
-                pivot = torch.argmin(a.diagonal()).view(1)
-                picks.append(alive.index_select(0, pivot))
-                col = a.index_select(1, pivot).squeeze(1)
-                col = col / col.index_select(0, pivot).clamp_min(tiny).sqrt()
-                a.addr_(col, col, alpha=-1.0)
-                a.diagonal().index_fill_(0, pivot, big)  # row and column are now zero: out of the argmin
-            keep = a.diagonal() < big
-            a = a[keep][:, keep]
-            alive = alive[keep]
-    return torch.cat(picks)
+    with cpu_threads(1, a.device):
+        return loops.compiled(loops.pivot_order)(a, torch.finfo(a.dtype).max, torch.finfo(a.dtype).tiny)
 
 
 @dataclass(eq=False)
@@ -264,59 +248,17 @@ def sequential_round(
     udiag = u.diagonal().clone()
     # the raw error r = t - v moves later targets by u_ij / u_ii · r; kept by columns (a step reads its own)
     u_rel_t = (u / udiag[:, None]).T.contiguous()
-    # every row a variable's view, made once (561 steps in a row: a view made per step costs as much as an op)
-    grids = _Grids(work.unbind(0), codes.unbind(0), s_t.unbind(0), (s_t if s_div is None else s_div).unbind(0),
-                   z_t.unbind(0), new_zeros.unbind(0), z_g.unbind(0), bias)
     order = perm.tolist()
+    round_block = loops.compiled(loops.round_block)
     for i1 in range(0, nvar, block):
         i2 = min(i1 + block, nvar)
         errs = torch.empty(i2 - i1, o, dtype=work.dtype, device=work.device)
         # column steps are short vector ops: one thread; the block update below is a GEMM: all threads
         with cpu_threads(1, work.device):
-            for i, r in zip(range(i1, i2), errs.unbind(0)):
-                if i > i1:  # the errors of this block's earlier variables, taken in when this one comes up
-                    grids.work[i].addmv_(errs[: i - i1].T, u_rel_t[i, i1:i], alpha=-1.0)
-                _round_one(grids, i, order[i], m, r)
+            round_block(work, errs, u_rel_t, order, i1, m, codes, s_t, s_t if s_div is None else s_div, z_t,
+                        new_zeros, z_g, bias)
         errs.div_(udiag[i1:i2, None])
         sum_e2.add_(errs.square().sum(0))
         if i2 < nvar:
             work[i2:].addmm_(u[i1:i2, i2:].T, errs, alpha=-1.0)
     return bias, codes, new_zeros, sum_e2
-
-
-@dataclass(eq=False)
-class _Grids:
-    """The rows the rounding steps read and write, one view per variable: targets in rounding order (`work`),
-    the tail weights' codes and grids (canonical tail order), the new and base zeros, the bias."""
-
-    work: tuple[torch.Tensor, ...]
-    codes: tuple[torch.Tensor, ...]
-    scale: tuple[torch.Tensor, ...]
-    scale_div: tuple[torch.Tensor, ...]
-    zero: tuple[torch.Tensor, ...]
-    new_zeros: tuple[torch.Tensor, ...]
-    base_zeros: tuple[torch.Tensor, ...]
-    bias: torch.Tensor
-
-
-def _round_one(g: _Grids, i: int, c: int, m: int, r: torch.Tensor) -> None:
-    """Round the i-th variable of the order (canonical index c): its value goes to the bias, a code or a new
-    zero, the raw error t - value to r. Few ops, each writing into its destination: this runs 561 times in a row
-    per full-size layer."""
-    t = g.work[i]
-    if 0 < c <= m:
-        j = c - 1
-        q = g.codes[j]
-        torch.sub(t, g.zero[j], out=r)
-        torch.div(r, g.scale_div[j], out=q).round_().clamp_(0, 15)
-        r.addcmul_(q, g.scale[j], value=-1.0)
-    elif c == 0:
-        torch.sub(t, bf16(t), out=r)
-        torch.sub(t, r, out=g.bias)
-    else:
-        k = c - m - 1
-        zn, z0 = g.new_zeros[k], g.base_zeros[k]
-        torch.add(t, z0, out=zn)
-        zn.copy_(zn.to(torch.bfloat16))
-        torch.sub(zn, z0, out=r)
-        torch.sub(t, r, out=r)
