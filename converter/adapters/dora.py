@@ -68,11 +68,22 @@ class Dora(Adapter, name="dora"):
         # a low-rank inner update is multiplied out where the base lives (the GPU, when the merge runs there)
         delta_v = self.inner.factors().dense(w0.device) if self.inner.rank is not None else \
             self.inner.delta().to(w0.device, torch.float32)
-        axis = 1 if self.per_row else 0
-        norm = torch.linalg.vector_norm(w0 + delta_v, dim=axis, keepdim=True).double()
+        norm = _norms(w0, delta_v, self.per_row).double()
         m = self.tensor(self._part).to(w0.device, torch.float64).reshape(norm.shape)
         if self.peft:
             scale = m / norm
         else:
             scale = self.strength * (m / (norm + LYCORIS_EPS) - 1) + 1
-        return torch.addcmul(delta_v * scale.float(), w0, (scale - 1).float())
+        # in place on ΔV (the same ops as delta_v * scale + w0 * (scale - 1)): one O x I array fewer at the peak
+        return delta_v.mul_(scale.float()).addcmul_(w0, (scale - 1).float())
+
+
+def _norms(w0: torch.Tensor, delta_v: torch.Tensor, per_row: bool, rows: int = 1024) -> torch.Tensor:
+    """‖w0 + ΔV‖ per row (O, 1), or per column (1, I). Per row in blocks of rows: each row's norm is the same
+    reduction, without a whole O x I sum alive at once."""
+    import torch
+
+    if not per_row:
+        return torch.linalg.vector_norm(w0 + delta_v, dim=0, keepdim=True)
+    return torch.cat([torch.linalg.vector_norm(w0[r:r + rows] + delta_v[r:r + rows], dim=1, keepdim=True)
+                      for r in range(0, w0.shape[0], rows)])

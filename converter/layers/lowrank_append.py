@@ -247,6 +247,7 @@ def _svd_part(ctx: MergeContext, op: LayerOp, dtype: torch.dtype, room: int):
 
     base = effective_weight(ctx.base, op.layer, ctx.device) if op.needs_base else None
     dw = check_finite(op.layer.prefix, dense_delta(op, ctx.device, base=base, ck=ctx.base))
+    del base  # an O x I array no longer needed while the SVD runs
     f, captured = svd_truncate(dw, room)
     d_add = torch.zeros(round16(room), op.layer.in_features, dtype=dtype)
     u_add = torch.zeros(op.layer.out_features, round16(room), dtype=dtype)
