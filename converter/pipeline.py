@@ -247,14 +247,16 @@ def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, s
     return list(schedule)
 
 
-# no worker thread: each changed layer is computed when the writer reaches it, while the writer's own threads
-# still copy and write what came before. A worker computing a layer ahead gained nothing and cost on the CPU
-# (6-block base, 2 cores: DoRA on every W4A4 layer 26.3-27.4 s and 1.42 GB with one worker, 21.6-22.0 s and
+# no worker thread on the CPU: each changed layer is computed when the writer reaches it, while the writer's own
+# threads still copy and write what came before. A worker computing a layer ahead gained nothing and cost on the
+# CPU (6-block base, 2 cores: DoRA on every W4A4 layer 26.3-27.4 s and 1.42 GB with one worker, 21.6-22.0 s and
 # 1.27 GB without; the modulation merge the same): its torch threads and the writer's fought for the cores, and
-# two layers' temporaries were alive at once. On a CUDA device the maths leaves the cores free: one worker
-# computes the next layers while the writer copies the tensors between them (full size, H100: 17.7-18.5 s against
-# 18.0-18.8 s without; that merge is bound by the one thread that computes the 600 layers, see README)
-MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA, MERGE_AHEAD_CUDA = 2, 0, 4, 16
+# two layers' temporaries were alive at once. On a CUDA device the maths leaves the cores free, and one thread
+# computing the 600 layers (reads, LoRA factors, GPU work and its host round trips, packing) was the bottleneck:
+# several workers compute layers at once, each on its own CUDA stream (full size, H100, the merge with all 120
+# modulation layers: 23.5 s with one worker, 20.6 s with two, 16.1 s with four, 17.0 s with six, 17.4 s with
+# eight), at most four layers ahead of the writer
+MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA, MERGE_AHEAD_CUDA = 2, 0, 4, 4
 
 
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
