@@ -255,14 +255,14 @@ def compute_schedule(order: list[str], outs: list[_Output]) -> list[tuple[int, s
 # computing the 600 layers (reads, LoRA factors, GPU work and its host round trips, packing) was the bottleneck:
 # several workers compute layers at once, each on its own CUDA stream (full size, H100, the merge with all 120
 # modulation layers: 23.5 s with one worker, 20.6 s with two, 16.1 s with four, 17.0 s with six, 17.4 s with
-# eight), at most four layers ahead of the writer
-MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA, MERGE_AHEAD_CUDA = 2, 0, 4, 4
+# eight), as many layers ahead of the writer as there are workers (the prefetch's least)
+MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA = 2, 0, 4
 
 
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
     """Stream the base once (engine.run_pass); every job gets each tensor either copied byte for byte or
     transformed. Each changed layer is computed when the writer needs it (the writer's threads keep writing
-    what came before meanwhile), or on a CUDA device by a worker ahead of the writer. All outputs are committed only if every job succeeded; on any failure no
+    what came before meanwhile), or on a CUDA device by workers ahead of the writer. All outputs are committed only if every job succeeded; on any failure no
     output file is left."""
     paths = [os.path.abspath(j.out_path) for j in jobs]
     if len(set(paths)) != len(paths):
@@ -287,7 +287,7 @@ def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]
     def layers() -> LayerStream:
         return LayerStream(base, jobs[0].session.model, device, compute_schedule(order, outs), compute,
                            workers=MERGE_WORKERS_CUDA if device.startswith("cuda") else MERGE_WORKERS,
-                           ahead=MERGE_AHEAD_CUDA if device.startswith("cuda") else MERGE_AHEAD, name="merge-compute")
+                           ahead=MERGE_AHEAD, name="merge-compute")
 
     def write(stream: LayerStream) -> None:
         for out in outs:
