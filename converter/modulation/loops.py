@@ -34,7 +34,7 @@ def pivot_order(a: torch.Tensor, big: float, tiny: float) -> torch.Tensor:
             col = a.index_select(1, pivot).squeeze(1)
             col = col / col.index_select(0, pivot).clamp_min(tiny).sqrt()
             a.addr_(col, col, alpha=-1.0)
-            a.diagonal().index_fill_(0, pivot, big)
+            a.diagonal().index_fill_(0, pivot, big)  # row and column are now zero: out of the argmin
         keep = a.diagonal() < big
         a = a[keep][:, keep]
         alive = alive[keep]
