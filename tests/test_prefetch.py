@@ -3,6 +3,7 @@ the writer takes the layer, and a close that stops the worker."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -140,8 +141,8 @@ def test_workers_computing_layers_at_once_change_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_workers_on_their_own_streams_change_nothing(tmp_path, monkeypatch):
-    """On a CUDA device each worker computes on its own stream and the captured rounding loops are shared between
-    them: three workers give the bytes one gives."""
+    """On a CUDA device each worker computes on its own stream and replays its own captured rounding loops: three
+    workers give the bytes one gives."""
     ref_bytes, ref_layers = _merge_with_workers(tmp_path, monkeypatch, 1, "cuda", "one")
     for attempt in range(2):
         got_bytes, got_layers = _merge_with_workers(tmp_path, monkeypatch, 3, "cuda", f"three{attempt}")
@@ -168,5 +169,6 @@ def test_cuda_workers_start_dense_updates_at_once(tmp_path):
                                                                    ("attn.to_out.0", (256, 256))])}
     O.write_adapter_file(lora, specs, "lycoris-prefix")
     res = subprocess.run([sys.executable, "-m", "converter.cli", str(base), str(lora), "-o",
-                          str(tmp_path / "o.safetensors"), "--device", "cuda", "-q"], capture_output=True, text=True)
+                          str(tmp_path / "o.safetensors"), "--device", "cuda", "-q"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr
