@@ -302,6 +302,8 @@ def test_awq_column_read_and_write_in_packed_space(o, i):
         want[:, idx] = new.T
         got = replace_qweight_columns(packed, idx, new)
         assert torch.equal(got, AwqQWeight.pack(want)) and torch.equal(packed, AwqQWeight.pack(codes))
+        into = packed.clone()  # or written into a copy the caller holds (the merge's rows of its output)
+        assert replace_qweight_columns(packed, idx, new, out=into) is into and torch.equal(into, got)
 
 
 def test_randomized_svd_of_an_exactly_low_rank_update(monkeypatch):

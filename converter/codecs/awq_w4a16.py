@@ -66,18 +66,20 @@ def qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype
     return columns if dtype == torch.uint8 else columns.to(dtype)
 
 
-def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def replace_qweight_columns(qweight: torch.Tensor, idx: torch.Tensor, codes: torch.Tensor,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """A copy of a packed qweight whose input columns `idx` (m,) hold `codes` (m, O) 0..15 (a column per row);
-    every other nibble is copied as it is. Two columns may share a byte (its low and its high nibble), so the
-    low nibbles are written first, then the high ones: within one half every byte is another. `idx` may stay on
-    the CPU for a qweight on a GPU (its split into halves then needs no wait for the device)."""
+    every other nibble is copied as it is. `out`: a contiguous copy of qweight to write into instead of a new
+    one. Two columns may share a byte (its low and its high nibble), so the low nibbles are written first, then
+    the high ones: within one half every byte is another. `idx` may stay on the CPU for a qweight on a GPU (its
+    split into halves then needs no wait for the device)."""
     o4, m = qweight.shape[0], idx.numel()
+    out = qweight.contiguous().clone() if out is None else out
     if m == 0:
-        return qweight.contiguous().clone()
+        return out
     where, high = _column_bytes(idx)
     shifted = codes.to(torch.uint8) << (4 * high).to(device=codes.device, dtype=torch.uint8)[:, None]
     fields = shifted.view(torch.int32).T.contiguous().view(torch.uint8).view(o4, m, 4)  # (O/4, column, r)
-    out = qweight.contiguous().clone()
     out_bytes = out.view(torch.uint8)
     for half, keep in ((0, 0xF0), (1, 0x0F)):
         cols = (high == half).nonzero().squeeze(1)

@@ -137,7 +137,7 @@ class LayerProblem:
         if (r0, r1) == (0, self.shape[0]):
             return self
         return LayerProblem(None if self.codes is None else self.codes[r0:r1],
-                            None if self.packed is None else self.packed[r0 // 4: (r1 + 3) // 4],
+                            None if self.packed is None else self.code_rows(self.packed, r0, r1),
                             self.s[r0:r1], self.z[r0:r1], self.b0[r0:r1], self.db[r0:r1], self.delta.row_slice(r0, r1),
                             self.xe, self.calib, self.xbar, self.group, self.signal[r0:r1], self.zero_scale)
 
@@ -155,14 +155,17 @@ class LayerProblem:
             return self.codes[:, idx].T.to(dtype).contiguous()
         return qweight_columns(self.packed, idx, dtype)
 
-    def with_columns(self, idx: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Every code, in the form they came in (packed qweight or (O, I) uint8), with input columns idx set to
-        cols (m, O) uint8."""
+    def code_rows(self, stored: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of codes in the form these came in (a packed qweight holds four rows a row)."""
+        return stored[r0 // 4: (r1 + 3) // 4] if self.packed is not None else stored[r0:r1]
+
+    def set_columns(self, idx: torch.Tensor, cols: torch.Tensor, out: torch.Tensor) -> None:
+        """Write input columns idx = cols (m, O) uint8 into `out`: a copy of every code, in the form they came in
+        (packed qweight or (O, I) uint8)."""
         if self.packed is not None:
-            return replace_qweight_columns(self.packed, idx, cols)
-        codes = self.codes.clone()
-        codes[:, idx] = cols.T
-        return codes
+            replace_qweight_columns(self.packed, idx, cols, out=out)
+        else:
+            out[:, idx] = cols.T
 
     def all_codes(self) -> torch.Tensor:
         """Every base code, uint8 (O, I) (unpacked on demand: only plain requantization needs them)."""
@@ -447,7 +450,6 @@ def _quad_lowrank(p: LayerProblem, factors: _FactorProducts, b_fold: torch.Tenso
 class _RowsPart:
     """The calibrated candidate on a chunk of rows."""
 
-    written_codes: torch.Tensor  # the chunk's codes as written (packed rows, or (rows, I) uint8)
     zeros: torch.Tensor  # (rows, ng)
     bias: torch.Tensor  # (rows,)
     err_sumsq: float  # Σ err² over these rows and the held-out sigmas
@@ -455,10 +457,11 @@ class _RowsPart:
     rows_kept: int  # rows that kept their base codes (the bias fold was better there)
 
 
-def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, factors: _FactorProducts | None
-                     ) -> _RowsPart:
+def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, factors: _FactorProducts | None,
+                     written: torch.Tensor) -> _RowsPart:
     """The calibrated candidate on the rows of `p` (rows are independent once the rounding order is fixed;
-    `plan` may still be under way while this chunk reads its columns)."""
+    `plan` may still be under way while this chunk reads its columns); its codes go into `written` (these rows
+    of the layer's codes as written, holding the base codes)."""
     t = _tail(p, factors)
     rounded = _round_tail(p, t, plan.result())
     dq = rounded.codes.sub_(t.q0)  # code changes (m, O), in place: the new codes are q0 + dq
@@ -486,13 +489,14 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     if math.isnan(err_sumsq):  # the inputs are finite (checked): the rounding plan's factorization failed
         raise MergeError("the calibrated rounding of a modulation layer failed (its Cholesky factorization); "
                          "nothing was written; --mod biasfold merges this LoRA without it")
-    tail = p.calib.tail_host if p.calib.tail_host is not None else t.idx
-    return _RowsPart(p.with_columns(tail, new_codes), z_new, b_new, err_sumsq, changed, int((~keep_row).sum()))
+    p.set_columns(p.calib.tail_host if p.calib.tail_host is not None else t.idx, new_codes, written)
+    return _RowsPart(z_new, b_new, err_sumsq, changed, int((~keep_row).sum()))
 
 
-# fp32 working memory of one row chunk of the calibrated candidate: two chunks a full-size layer (a chunk's 561
-# rounding steps cost the same dispatch whatever its rows; with four chunks the 120 layers took 55.6 s, with
-# two 47.7 s on 2 cores, at 1.0 GB peak RSS once the threads share one malloc heap)
+# fp32 working memory of one row chunk of the calibrated candidate: two chunks a full-size layer (with the rounding
+# steps launched from Python, four chunks took the 120 layers 55.6 s, two 47.7 s on 2 cores, at 1.0 GB peak RSS
+# once the threads share one malloc heap; with the steps compiled a layer took 244-259 ms in two chunks, 246-261 in
+# four, 264-285 in six; the codes are the same whatever the chunking, the e_mod figure's last digits are not)
 _CHUNK_BYTES = 384 << 20
 
 
@@ -514,8 +518,11 @@ def calibrated(p: LayerProblem, fold: Candidate, workers: int = 1) -> Candidate:
     chunks = _row_chunks(p, workers)
     factors = _FactorProducts.of(p)
 
+    # every code as it will be written, made once: the chunks write their rows' new columns into it
+    written = (p.packed if p.packed is not None else p.codes).clone()
+
     def rows(r: tuple[int, int]) -> _RowsPart:
-        return _calibrated_rows(p.rows(*r), fold.bias[r[0]:r[1]], plan, factors)
+        return _calibrated_rows(p.rows(*r), fold.bias[r[0]:r[1]], plan, factors, p.code_rows(written, *r))
 
     if workers <= 1 or len(chunks) <= 1:
         plan: Future = Future()
@@ -528,7 +535,6 @@ def calibrated(p: LayerProblem, fold: Candidate, workers: int = 1) -> Candidate:
             parts = list(pool.map(rows, chunks))
     kept = sum(part.rows_kept for part in parts)
     notes = [f"{kept} of {p.shape[0]} rows kept their codes (bias fold was better there)"] if kept else []
-    written = torch.cat([part.written_codes for part in parts])
     return Candidate("calibrated", _ratio(sum(part.err_sumsq for part in parts), _sumsq(p.signal)), None, p.s,
                      torch.cat([part.zeros for part in parts]), torch.cat([part.bias for part in parts]),
                      codes_changed=sum(part.codes_changed for part in parts), notes=notes, written_codes=written)
