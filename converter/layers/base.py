@@ -86,8 +86,12 @@ class MergeContext:
             torch.set_num_threads(1)
         if device.startswith("cuda"):
             # torch loads its CUDA linear algebra on the first such call, and two threads making their first
-            # call at once fail ("lazy wrapper should be called at most once"): one call now, before any worker
-            torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
+            # call at once fail ("lazy wrapper should be called at most once"): one call now, before any worker.
+            # Should it fail here, the layers that need it say so themselves (a merge of plain LoRAs does not)
+            try:
+                torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
+            except RuntimeError:
+                pass
 
     def shared(self, name: str, make: Callable[[], object]) -> object:
         """The run's one `name`, made by `make()` on first use (once, whichever thread asks first)."""
