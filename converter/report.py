@@ -15,6 +15,7 @@ from .planner import Plan
 if TYPE_CHECKING:
     from .st_reader import Checkpoint
 
+
 def module_pattern(key: str) -> str:
     """Key pattern without its adapter part suffix (`….lora_A.weight` -> `….*`): one line per module pattern."""
     for pat, _ in key_patterns():

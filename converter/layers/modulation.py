@@ -54,7 +54,7 @@ class ModulationInputs:
     def of(cls, ctx: MergeContext) -> ModulationInputs:
         def make() -> ModulationInputs:
             if ctx.device == "cpu":
-                keep_freed_memory()
+                ctx.shared("heap_kept", keep_freed_memory)
             return cls(ctx)
 
         return ctx.shared("modulation", make)

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -119,7 +119,10 @@ class ModulationCalibration:
     n_points: int
     device: torch.device
     build_seconds: float = 0.0
-    tail_host: torch.Tensor | None = None  # `tail` on the CPU (indexes the packed codes with no wait for a GPU)
+    tail_host: torch.Tensor = field(init=False, repr=False)  # `tail` on the CPU (indexes packed codes, no GPU wait)
+
+    def __post_init__(self) -> None:
+        self.tail_host = self.tail.cpu()
 
     def rounding_plan(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rounding order and GPTQ update rows for free variables whose grid steps are `steps` (N',).
@@ -210,7 +213,6 @@ class ModulationCalibration:
             n_points=n,
             device=dev,
             build_seconds=time.perf_counter() - t0,
-            tail_host=tail_idx.cpu(),
         )
 
 

@@ -489,7 +489,7 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     if math.isnan(err_sumsq):  # the inputs are finite (checked): the rounding plan's factorization failed
         raise MergeError("the calibrated rounding of a modulation layer failed (its Cholesky factorization); "
                          "nothing was written; --mod biasfold merges this LoRA without it")
-    p.set_columns(p.calib.tail_host if p.calib.tail_host is not None else t.idx, new_codes, written)
+    p.set_columns(p.calib.tail_host, new_codes, written)
     return _RowsPart(z_new, b_new, err_sumsq, changed, int((~keep_row).sum()))
 
 
