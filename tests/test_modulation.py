@@ -231,6 +231,42 @@ def test_calibrated_beats_plain_and_biasfold(small):
     assert ratio <= 0.9, (ours, folds)
 
 
+@pytest.mark.parametrize("faint_rows", [False, True])
+def test_rows_where_the_bias_fold_is_better_keep_their_codes(small, faint_rows):
+    """Rows whose LoRA effect is faint score better with the bias fold: they keep their base codes and zeros and
+    take the fold's bias, as many as the note says; the others take the rounding (when no row is faint, every row
+    does). The figure is the brute-force one, the changed-code fraction is exact, and packed codes give the same
+    layer."""
+    from converter.codecs.awq_w4a16 import AwqQWeight
+    from converter.modulation import merge as M
+
+    _, _, xe, cal = small
+    codes, scales, zeros, bias, (up, down) = _layer(256, 32, 0.03, seed=21)
+    if faint_rows:
+        up = up.clone()
+        up[::3] *= 0.1  # faint enough that the fold wins on many rows, strong enough that their codes would move
+    res = merge_modulation(codes, scales, zeros, bias, (up, down), None, cal, xe)
+    assert res.action == "calibrated"
+    assert res.codes_changed == int((res.codes != codes).sum()) / codes.numel() > 0
+    ref = _brute_force_e(res.codes, res.scales, res.zeros, res.bias, codes, scales, zeros, bias, up @ down,
+                         torch.zeros_like(bias), xe)
+    assert res.e_mod == pytest.approx(ref, rel=1e-4)
+    p = M.layer_problem(codes, scales, zeros, bias, (up, down), None, cal, xe, mode="calibrated", group_size=G,
+                        dev=torch.device("cpu"), tail=None, damp=3e-3)
+    fold_bias = M.biasfold(p).bias
+    as_base = (res.codes == codes).all(1) & (res.zeros == zeros).all(1) & (res.bias == fold_bias)
+    kept = [int(n.split()[0]) for n in res.notes if "rows kept their codes" in n]
+    if faint_rows:
+        assert kept and kept[0] >= codes.shape[0] // 6 and int(as_base.sum()) >= kept[0]
+        assert float(as_base[::3].float().mean()) > 0.5 and float(as_base[1::3].float().mean()) < 0.1
+    else:
+        assert not kept and float(as_base.float().mean()) < 0.1
+    packed = merge_modulation(AwqQWeight.pack(codes), scales, zeros, bias, (up, down), None, cal, xe)
+    assert torch.equal(AwqQWeight.unpack(packed.qweight), res.codes) and torch.equal(packed.zeros, res.zeros)
+    assert torch.equal(packed.bias, res.bias) and packed.e_mod == res.e_mod
+    assert packed.codes_changed == res.codes_changed
+
+
 def test_calibration_object_and_dense_delta_give_same_result(small):
     _, xc, xe, cal = small
     codes, scales, zeros, bias, (up, down) = _layer(256, 16, 0.03, seed=11)

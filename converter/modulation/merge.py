@@ -303,7 +303,8 @@ class _Tail:
     group scales and zeros, and the rounding targets of [bias; tail weights; zero shifts]."""
 
     idx: torch.Tensor  # (m,) code columns that may change
-    q0: torch.Tensor  # (m, O) base codes, float
+    q0_codes: torch.Tensor  # (m, O) base codes, uint8
+    q0: torch.Tensor  # (m, O) the same, float
     s_g: torch.Tensor  # (ng, O) group scales
     z_g: torch.Tensor  # (ng, O) group zeros
     s: torch.Tensor  # (m, O) scale of each tail weight
@@ -320,7 +321,8 @@ def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
     s_t, z_t = s_g[gidx], z_g[gidx]
     s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if p.zero_scale else None
-    q0 = p.columns(idx, torch.float32)
+    q0_codes = p.columns(idx, torch.uint8)
+    q0 = q0_codes.to(torch.float32)
     dw = comp = None
     if factors is not None:  # one rank-r product: the shift and ΔW on the tail columns together
         targets = factors.phi_left @ p.delta.up.T
@@ -330,7 +332,7 @@ def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
         targets[1: 1 + m] += dw
     targets[0] += p.bstar
     targets[1: 1 + m].addcmul_(q0, s_t).add_(z_t)
-    return _Tail(idx, q0, s_g, z_g, s_t, z_t, s_div, targets, dw, comp)
+    return _Tail(idx, q0_codes, q0, s_g, z_g, s_t, z_t, s_div, targets, dw, comp)
 
 
 RoundingPlan = tuple[torch.Tensor, torch.Tensor]  # (rounding order, update rows): see ModulationCalibration
@@ -464,27 +466,28 @@ def _calibrated_rows(p: LayerProblem, fold_bias: torch.Tensor, plan: Future, fac
     of the layer's codes as written, holding the base codes)."""
     t = _tail(p, factors)
     rounded = _round_tail(p, t, plan.result())
-    dq = rounded.codes.sub_(t.q0)  # code changes (m, O), in place: the new codes are q0 + dq
-    d_tail = dq * t.s  # what changed: the tail weights, and every weight of a group via its zero
+    d_tail = torch.sub(rounded.codes, t.q0).mul_(t.s)  # what changed: the tail weights, and via the zeros
     dz_t = rounded.zeros - t.z_g
     xbar_g = p.xbar.view(p.n_groups, p.group).sum(-1)
     # re-fit the bias: nearest bf16 to its calibration optimum given the new weights
     e_bar = d_tail.T @ p.xbar[t.idx] + dz_t.T @ xbar_g - p.delta.matvec(p.xbar)
     b_new = bf16(p.bstar - e_bar)
     keep_row = _rows_to_keep(p, t, factors, (b_new - fold_bias, d_tail, dz_t), fold_bias, rounded, b_new)
-    keep = keep_row.to(dq.dtype)[None]  # a product, not torch.where: where is several times slower here
-    dq.mul_(keep)
-    d_tail.mul_(keep)
-    z_new = torch.where(keep_row[None], rounded.zeros, t.z_g).T.contiguous()
-    b_new = torch.where(keep_row, b_new, fold_bias)
+    new_codes = rounded.codes.to(torch.uint8)
+    # where the bias fold was better, a row keeps its base codes and zeros and takes the fold's bias. On the CPU
+    # the usual case, every row taking the rounding, skips these passes (the check would wait for a GPU)
+    if p.s.device.type == "cpu" and bool(keep_row.all()):
+        z_new = rounded.zeros.T.contiguous()
+    else:
+        d_tail.mul_(keep_row.to(d_tail.dtype)[None])  # a product, not torch.where: where is several times slower
+        new_codes = torch.where(keep_row[None], new_codes, t.q0_codes)
+        z_new = torch.where(keep_row[None], rounded.zeros, t.z_g).T.contiguous()
+        b_new = torch.where(keep_row, b_new, fold_bias)
     err = d_tail.T @ p.xe[:, t.idx].T
     err += (z_new - p.z) @ p.xe.view(-1, p.n_groups, p.group).sum(-1).T
     err += (b_new - p.b0)[:, None]
     err -= p.signal
-    # the codes that differ from the base (counted on int8: float count_nonzero is 6x slower on the CPU; the
-    # code changes are whole numbers in -15..15, and a -0.0 left by the keep product converts to 0)
-    changed = int(torch.count_nonzero(dq.to(torch.int8)))
-    new_codes = dq.add_(t.q0).to(torch.uint8)
+    changed = int(torch.count_nonzero(new_codes != t.q0_codes))  # on bytes: float passes cost 4x more memory
     err_sumsq = _sumsq(err)
     if math.isnan(err_sumsq):  # the inputs are finite (checked): the rounding plan's factorization failed
         raise MergeError("the calibrated rounding of a modulation layer failed (its Cholesky factorization); "
