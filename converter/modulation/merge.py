@@ -319,7 +319,7 @@ def _tail(p: LayerProblem, factors: _FactorProducts | None) -> _Tail:
     idx = p.calib.tail
     m, gidx = idx.numel(), idx // p.group
     s_g, z_g = p.s.T.contiguous(), p.z.T.contiguous()
-    s_t, z_t = s_g[gidx], z_g[gidx]
+    s_t, z_t = s_g.index_select(0, gidx), z_g.index_select(0, gidx)  # (s_g[gidx] is 4x slower on the CPU)
     s_div = torch.where(s_t > 0, s_t, torch.ones_like(s_t)) if p.zero_scale else None
     q0_codes = p.columns(idx, torch.uint8)
     q0 = q0_codes.to(torch.float32)
