@@ -263,8 +263,8 @@ MERGE_AHEAD, MERGE_WORKERS, MERGE_WORKERS_CUDA = 2, 0, 4
 def execute_many(base: Checkpoint, jobs: list[Job], opts: Options) -> list[dict]:
     """Stream the base once (engine.run_pass); every job gets each tensor either copied byte for byte or
     transformed. Each changed layer is computed when the writer needs it (the writer's threads keep writing
-    what came before meanwhile), or on a CUDA device by workers ahead of the writer. All outputs are committed only if every job succeeded; on any failure no
-    output file is left."""
+    what came before meanwhile), or on a CUDA device by workers ahead of the writer. All outputs are committed
+    only if every job succeeded; on any failure no output file is left."""
     paths = [os.path.abspath(j.out_path) for j in jobs]
     if len(set(paths)) != len(paths):
         raise MergeError("two outputs of one batch have the same path")
